@@ -1,0 +1,127 @@
+"""LightningModule: orders forward -> objective -> enqueue, steps the momentum, logs, evaluates."""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import lightning as L
+import torch
+
+from cots.eval.retrieval import retrieval_metrics
+from cots.models.cots_model import COTSModel
+from cots.momentum import momentum_at
+from cots.objective import COTSObjective
+from cots.optim import param_groups
+
+
+class COTSLitModule(L.LightningModule):
+    """Pretraining and retrieval evaluation of a :class:`COTSModel`.
+
+    Args:
+        model: the network (built by Hydra from ``model``).
+        objective: the loss terms (built from ``objective``).
+        optimizer: partial optimizer taking parameter groups (weight decay per group).
+        scheduler: partial LR scheduler taking (optimizer, total_steps), stepped per optimizer step.
+        momentum: base EMA coefficient m; ``momentum_schedule`` 'constant' or 'cosine' (to 1).
+        eval_chunk_size: rows scored at once in retrieval (bounds memory).
+        run_config: the resolved run config, stored in checkpoints so that ``cots-eval`` can rebuild the model.
+    """
+
+    def __init__(
+        self,
+        model: COTSModel,
+        objective: COTSObjective,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        momentum: float = 0.995,
+        momentum_schedule: str = "constant",
+        eval_chunk_size: int = 1024,
+        run_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.momentum = momentum
+        self.momentum_schedule = momentum_schedule
+        self.eval_chunk_size = eval_chunk_size
+        self.run_config = run_config
+        self.text_tokenizer_json: str | None = None  # set by train(); saved with checkpoints
+        self.skipped: Counter[str] = Counter()
+        self._gallery: dict[str, list] = {}
+        self.last_retrieval: dict[str, float] = {}
+
+    # -- training ----------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        features = self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        terms = self.objective(self.model, features)
+        self.model.enqueue(features)
+        self.skipped.update(batch.get("skipped", {}))
+        batch_size = batch["images"].shape[0]
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=batch_size)
+        self.log("train/temperature", self.model.temperature().detach(), batch_size=batch_size)
+        self.log("train/queue_fill", self.model.feature_queue.fill_fraction(), batch_size=batch_size)
+        for reason, count in self.skipped.items():
+            self.log(f"data/skipped_{reason}", float(count), batch_size=batch_size)
+        return terms["loss"]
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Lightning calls this once per optimizer step, so accumulation does not repeat the EMA.
+        m = momentum_at(self.global_step, self.trainer.estimated_stepping_batches, self.momentum, self.momentum_schedule)
+        self.model.momentum_update(m)
+
+    def configure_optimizers(self):
+        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory(param_groups(self.model, weight_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- retrieval evaluation (val and test share it) -------------------------------------------
+    def _gallery_step(self, batch: dict, dataloader_idx: int) -> None:
+        encoder = self.model.encoder
+        if dataloader_idx == 0:
+            self._gallery.setdefault("images", []).append(encoder.encode_image(batch["images"]).embedding.float())
+        else:
+            text = encoder.encode_text(batch["input_ids"], batch["attention_mask"]).embedding.float()
+            self._gallery.setdefault("texts", []).append(text)
+            self._gallery.setdefault("text_to_image", []).append(batch["image_index"])
+
+    def _gallery_end(self, prefix: str) -> None:
+        if not self._gallery:
+            return
+        images = torch.cat(self._gallery.pop("images"))
+        texts = torch.cat(self._gallery.pop("texts"))
+        text_to_image = torch.cat(self._gallery.pop("text_to_image"))
+        self._gallery.clear()
+        self.last_retrieval = retrieval_metrics(images, texts, text_to_image, self.eval_chunk_size)
+        for name, value in self.last_retrieval.items():
+            self.log(f"{prefix}/{name}", value, prog_bar=name == "rsum", sync_dist=False)
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._gallery_step(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._gallery_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._gallery_step(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._gallery_end("test")
+
+    # -- checkpoints: plain data only, no pickled modules -------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["cots"] = {
+            "config": self.run_config,
+            "text_tokenizer": self.text_tokenizer_json,
+            "skipped": dict(self.skipped),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("cots", {})
+        self.skipped = Counter(state.get("skipped", {}))

@@ -1,0 +1,1 @@
+"""Losses as pure functions of tensors (DESIGN §3–7)."""

@@ -1,0 +1,71 @@
+"""Text tower: a Hugging Face BERT from a config (from scratch) or a local pretrained directory."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from cots.models.local_paths import resolve_local_dir
+
+
+class TextTower(nn.Module):
+    """BERT exposing the [CLS] state and all token states.
+
+    Args:
+        pretrained: local directory (or ``package:<module>/<dir>``) with ``config.json`` and weights;
+            None builds from the arguments below with random weights.
+        vocab_size: must match the text tokenizer (filled in from it when None).
+        hidden_size, num_layers, num_heads, intermediate_size, max_length: architecture when from scratch.
+        grad_checkpointing: activation checkpointing of the layers.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        vocab_size: int | None = None,
+        hidden_size: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        intermediate_size: int | None = None,
+        max_length: int = 64,
+        dropout: float = 0.1,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if pretrained:
+            path = resolve_local_dir(pretrained)
+            self.bert = BertModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="sdpa")
+        else:
+            if vocab_size is None:
+                raise ValueError("model.encoder.text_tower.vocab_size is unset and no tokenizer filled it in")
+            config = BertConfig(
+                attn_implementation="sdpa",
+                vocab_size=vocab_size,
+                hidden_size=hidden_size,
+                num_hidden_layers=num_layers,
+                num_attention_heads=num_heads,
+                intermediate_size=intermediate_size or 4 * hidden_size,
+                max_position_embeddings=max(max_length, 16),
+                hidden_dropout_prob=dropout,
+                attention_probs_dropout_prob=dropout,
+            )
+            self.bert = BertModel(config, add_pooling_layer=False)
+        if grad_checkpointing:
+            self.bert.gradient_checkpointing_enable()
+        self.width = self.bert.config.hidden_size
+        self.vocab_size = self.bert.config.vocab_size
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode token ids.
+
+        Args:
+            input_ids: (B, L) long; attention_mask: (B, L), 1 for real tokens.
+        Returns:
+            cls: (B, W); tokens: (B, L, W) last hidden states.
+        """
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # B x L x W
+        return hidden[:, 0], hidden

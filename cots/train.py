@@ -1,0 +1,86 @@
+"""`cots-train`: build everything from the Hydra config, fit, evaluate retrieval, report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from cots.checkpoints import read_checkpoint
+from cots.config_checks import ConfigError, check_config
+from cots.eval.retrieval import chance_table, format_table
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def build_module(cfg: DictConfig, text_vocab_size: int, tokenizer_json: str | None):
+    """The LightningModule for a run config (model, objective, optimizer, scheduler)."""
+    with open_dict(cfg):
+        if not cfg.model.encoder.text_tower.pretrained:
+            cfg.model.encoder.text_tower.vocab_size = text_vocab_size
+    model = instantiate(cfg.model)
+    objective = instantiate(cfg.objective)
+    module = instantiate(
+        cfg.module,
+        model=model,
+        objective=objective,
+        optimizer=instantiate(cfg.optim.optimizer),
+        scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
+    )
+    # Set after instantiate: Hydra would otherwise build every _target_ inside the config dict.
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    module.text_tokenizer_json = tokenizer_json
+    return module
+
+
+def _instantiate_all(group: DictConfig | None) -> list:
+    return [instantiate(item) for item in (group or {}).values() if item is not None and "_target_" in item]
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
+    """Fit and (optionally) test. Returns (metrics, objects) for tests and scripts."""
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    problems = datamodule.missing_files()
+    if problems:
+        raise ConfigError("; ".join(problems))
+    saved_tokenizer = read_checkpoint(cfg.ckpt_path)["cots"]["text_tokenizer"] if cfg.get("ckpt_path") else None
+    tokenizer = datamodule.build_text_tokenizer(saved_tokenizer)
+    module = build_module(cfg, tokenizer.vocab_size, tokenizer.to_str())
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.get("test"):
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        metrics.update({f"test/{k}": v for k, v in module.last_retrieval.items()})
+        report_retrieval(module.last_retrieval, datamodule, "test" if cfg.data.get("test_manifest") else "val", Path(cfg.paths.output_dir))
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+def report_retrieval(table: dict[str, float], datamodule, split: str, output_dir: Path) -> None:
+    """Print the R@K table next to chance level and write retrieval.json."""
+    entries = datamodule.entries(split)
+    captions = len(datamodule.text_to_image(split))
+    chance = chance_table(len(entries), captions / max(len(entries), 1))
+    print(f"\nRetrieval on {split} ({len(entries)} images, {captions} captions)")
+    print(format_table({"model": table, "chance": chance}))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "retrieval.json").write_text(json.dumps(table, indent=2))
+    print(f"wrote {output_dir / 'retrieval.json'}")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    torch.set_float32_matmul_precision("high")
+    metrics, _ = train(cfg)
+    return metrics.get("val/rsum")
+
+
+if __name__ == "__main__":
+    main()
