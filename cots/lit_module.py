@@ -7,6 +7,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 
+from cots.checkpoints import capture_rng_state, restore_rng_state
 from cots.eval.retrieval import retrieval_metrics
 from cots.models.cots_model import COTSModel
 from cots.momentum import momentum_at
@@ -120,8 +121,11 @@ class COTSLitModule(L.LightningModule):
             "config": self.run_config,
             "text_tokenizer": self.text_tokenizer_json,
             "skipped": dict(self.skipped),
+            "rng": capture_rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("cots", {})
         self.skipped = Counter(state.get("skipped", {}))
+        if state.get("rng"):
+            restore_rng_state(state["rng"])

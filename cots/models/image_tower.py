@@ -21,6 +21,8 @@ class ImageTower(nn.Module):
         drop_path_rate: stochastic depth.
         checkpoint_path: optional local timm checkpoint; nothing is downloaded.
         grad_checkpointing: activation checkpointing of the blocks.
+        mask_embedding: create the learnable [MASK] patch embedding (CMVM needs it; without it
+            the parameter would get no gradient, which DDP rejects).
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class ImageTower(nn.Module):
         drop_path_rate: float = 0.0,
         checkpoint_path: str | None = None,
         grad_checkpointing: bool = False,
+        mask_embedding: bool = False,
     ) -> None:
         super().__init__()
         if not timm.is_model(name):
@@ -55,8 +58,9 @@ class ImageTower(nn.Module):
         self.vit.set_grad_checkpointing(grad_checkpointing)
         self.width = self.vit.embed_dim
         self.grid_size: tuple[int, int] = tuple(self.vit.patch_embed.grid_size)
-        self.mask_embedding = nn.Parameter(torch.zeros(1, 1, self.width))
-        nn.init.trunc_normal_(self.mask_embedding, std=0.02)
+        self.mask_embedding = nn.Parameter(torch.zeros(1, 1, self.width)) if mask_embedding else None
+        if self.mask_embedding is not None:
+            nn.init.trunc_normal_(self.mask_embedding, std=0.02)
 
     @property
     def num_patches(self) -> int:
@@ -74,6 +78,8 @@ class ImageTower(nn.Module):
         vit = self.vit
         x = vit.patch_embed(images)  # B x P x W
         if patch_mask is not None:
+            if self.mask_embedding is None:
+                raise ValueError("a patch mask needs model.encoder.image_tower.mask_embedding=true")
             x = torch.where(patch_mask[..., None], self.mask_embedding.to(x.dtype), x)
         x = vit._pos_embed(x)  # B x (prefix + P) x W
         x = vit.patch_drop(x)

@@ -1,0 +1,106 @@
+"""``cots-data``: build datasets. Subcommands: ``emoji``.
+
+Each subcommand is an ``_add_<name>(subparsers)`` function that registers its
+arguments and sets ``func`` to a runner ``(args) -> exit code``; add new ones to
+``_SUBCOMMANDS``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cots.data.emoji import (
+    OPEN_VENDORS,
+    RESTRICTED_VENDORS,
+    VENDOR_LICENCES,
+    build_dataset,
+    fetch_sources,
+    find_complete_build,
+    format_summary,
+)
+from cots.data.emoji_catalog import EmojiDataError
+from cots.data.npm_packages import NpmError, default_cache_dir, require_npm
+
+log = logging.getLogger("cots.data")
+
+
+def _add_emoji(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "emoji",
+        help="emoji images (npm emoji-datasource-*) captioned with CLDR names and keywords",
+        description=(
+            "Download emoji-datasource 16.0.0, its vendor image packages and the CLDR 48.2 English "
+            "annotations with `npm pack` (Node's npm must be on PATH), then write train/val/test "
+            "manifests split by base emoji. Images: Google (Apache-2.0) and Twitter (CC-BY-4.0)."
+        ),
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
+    p.add_argument(
+        "--cache", type=Path, default=None,
+        help="download cache (default: $COTS_CACHE/npm, else ~/.cache/cots/npm)",
+    )
+    p.add_argument("--force", action="store_true", help="rebuild even if --out holds a complete build")
+    p.add_argument(
+        "--vendors", nargs="+", choices=OPEN_VENDORS + RESTRICTED_VENDORS, default=None,
+        help=f"image sets to include (default: {' '.join(OPEN_VENDORS)})",
+    )
+    p.add_argument(
+        "--include-restricted-vendors", action="store_true",
+        help=(
+            "also allow Apple and Facebook images (added to the default vendors unless --vendors is "
+            f"given). Apple's are {VENDOR_LICENCES['apple']}; Facebook's are {VENDOR_LICENCES['facebook']}. "
+            "Use them at your own risk, for research only, and do not redistribute the built set."
+        ),
+    )
+    p.set_defaults(func=_run_emoji)
+
+
+def _run_emoji(args: argparse.Namespace) -> int:
+    vendors = tuple(args.vendors or OPEN_VENDORS + (RESTRICTED_VENDORS if args.include_restricted_vendors else ()))
+    restricted = [v for v in vendors if v in RESTRICTED_VENDORS]
+    if restricted and not args.include_restricted_vendors:
+        raise EmojiDataError(
+            f"vendor(s) {restricted} are not openly licensed; pass --include-restricted-vendors to use them"
+        )
+    if not args.force and (info := find_complete_build(args.out, vendors)) is not None:
+        print(f"{args.out} already holds a complete build of the same packages (use --force to rebuild)")
+        print(format_summary(info))
+        return 0
+    require_npm()  # fail before any work, with a clear message
+    start = time.monotonic()
+    sources = fetch_sources(vendors, args.cache or default_cache_dir())
+    log.info("packages ready after %.1f s; building %s", time.monotonic() - start, args.out)
+    info = build_dataset(sources, args.out, vendors)
+    print(format_summary(info))
+    print(f"wrote {args.out} in {time.monotonic() - start:.1f} s")
+    return 0
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_emoji]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cots-data", description="Build image-text datasets for COTS.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 1 data/download error, 2 usage error)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (NpmError, EmojiDataError) as err:
+        print(f"cots-data {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

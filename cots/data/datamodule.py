@@ -1,0 +1,177 @@
+"""LightningDataModule over image-text manifests (JSON or CSV); imports no model code."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from cots.data.datasets import Collate, GalleryCaptions, GalleryImages, ImageTextPairs
+from cots.data.images import build_eval_transform, build_train_transform
+from cots.data.manifest import ManifestEntry, load_manifest
+from cots.data.sampler import ShardedEpochSampler
+from cots.data.synthetic import ensure_synthetic_dataset
+from cots.data.text_tokenizer import TextTokenizer, build_text_tokenizer
+
+
+class ImageTextDataModule(L.LightningDataModule):
+    """Training pairs and retrieval galleries.
+
+    Args:
+        train_manifest, val_manifest, test_manifest: JSON or CSV manifests (test optional).
+        image_root: folder the image paths are relative to (default: each manifest's folder).
+        image_size: side of the square crops fed to the image tower.
+        batch_size: pairs per rank per step; eval_batch_size for galleries.
+        num_workers: DataLoader workers per rank.
+        seed: shuffling seed (same on every rank).
+        train_transform: ``scale`` of the random resized crop and ``hflip`` probability.
+        text_tokenizer: ``pretrained`` local dir, else WordPiece of ``vocab_size`` trained on the
+            training captions; ``max_length`` tokens per caption.
+        synthetic: when set, the synthetic shapes set is built under ``out_dir`` first.
+        csv_columns: image and caption column names of CSV manifests.
+    """
+
+    def __init__(
+        self,
+        train_manifest: str,
+        val_manifest: str,
+        test_manifest: str | None = None,
+        image_root: str | None = None,
+        image_size: int = 224,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 4,
+        seed: int = 0,
+        train_transform: dict | None = None,
+        text_tokenizer: dict | None = None,
+        synthetic: dict | None = None,
+        csv_columns: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
+        self.image_root = image_root
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_transform_args = dict(train_transform or {})
+        self.text_tokenizer_args = {"pretrained": None, "vocab_size": 8000, "max_length": 64, **(text_tokenizer or {})}
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.csv_columns = dict(csv_columns or {})
+        self.text_tokenizer: TextTokenizer | None = None
+        self._entries: dict[str, list[ManifestEntry]] = {}
+        self.train_set: ImageTextPairs | None = None
+        self.train_sampler: ShardedEpochSampler | None = None
+        self._resume_state: dict | None = None
+
+    # -- preparation (idempotent; safe to call from every rank) --------------------------
+    def prepare_data(self) -> None:
+        if self.synthetic:
+            ensure_synthetic_dataset(**self.synthetic)
+
+    def entries(self, split: str) -> list[ManifestEntry]:
+        if split not in self._entries:
+            path = self.manifests[split]
+            if not path:
+                raise ValueError(f"data.{split}_manifest is not set")
+            root = self.image_root
+            self._entries[split] = load_manifest(path, root, **self.csv_columns)
+        return self._entries[split]
+
+    def build_text_tokenizer(self, serialized: str | None = None) -> TextTokenizer:
+        """The caption tokenizer: from a checkpoint's JSON string, a local dir, or trained on train captions."""
+        if self.text_tokenizer is None:
+            max_length = self.text_tokenizer_args["max_length"]
+            if serialized:
+                self.text_tokenizer = TextTokenizer.from_str(serialized, max_length)
+            else:
+                captions = None if self.text_tokenizer_args["pretrained"] else self._train_pairs().captions()
+                self.text_tokenizer = build_text_tokenizer(
+                    self.text_tokenizer_args["pretrained"], captions, self.text_tokenizer_args["vocab_size"], max_length
+                )
+        return self.text_tokenizer
+
+    def _train_pairs(self) -> ImageTextPairs:
+        if self.train_set is None:
+            transform = build_train_transform(self.image_size, **self.train_transform_args)
+            self.train_set = ImageTextPairs(self.entries("train"), transform, self.seed)
+        return self.train_set
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+        self.build_text_tokenizer()
+
+    # -- loaders ---------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, dataset, batch_size: int, sampler=None, drop_last: bool = False) -> DataLoader:
+        # Its own generator: creating an iterator must not consume the global RNG (exact resume).
+        return DataLoader(
+            dataset,
+            generator=torch.Generator().manual_seed(self.seed),
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=Collate(self.build_text_tokenizer()),
+            pin_memory=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        pairs = self._train_pairs()
+        rank, world = self._rank_world()
+        self.train_sampler = ShardedEpochSampler(len(pairs), rank, world, shuffle=True, seed=self.seed, batch_size=self.batch_size)
+        if self._resume_state:
+            self.train_sampler.resume_from(self._resume_state["epoch"], self._resume_state["consumed"])
+            self._resume_state = None
+        # drop_last: every rank must gather equal batch sizes.
+        return self._loader(pairs, self.batch_size, self.train_sampler, drop_last=True)
+
+    # -- data position in checkpoints ---------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Epoch and samples of this epoch already trained on (per rank), saved by Lightning."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or self.train_sampler is None:
+            return {}
+        # Batches whose training step ran in the epoch being consumed (exact, unlike counting
+        # what the sampler handed out, which includes prefetched batches).
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.train_sampler.epoch, "consumed": batches * self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if self.train_sampler is not None:  # the loader already exists: tell its sampler
+            self.train_sampler.resume_from(state["epoch"], state["consumed"])
+        else:
+            self._resume_state = dict(state)
+
+    def gallery_loaders(self, split: str) -> list[DataLoader]:
+        """[images, captions] loaders of a retrieval split (each rank reads the whole gallery)."""
+        entries = self.entries(split)
+        images = GalleryImages(entries, build_eval_transform(self.image_size), self.image_size)
+        return [self._loader(images, self.eval_batch_size), self._loader(GalleryCaptions(entries), self.eval_batch_size)]
+
+    def text_to_image(self, split: str) -> list[int]:
+        return GalleryCaptions(self.entries(split)).text_to_image
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self.gallery_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.gallery_loaders("test" if self.manifests["test"] else "val")
+
+    def missing_files(self) -> list[str]:
+        """Config keys whose manifest or image root does not exist (checked before training)."""
+        problems = []
+        for split, path in self.manifests.items():
+            if path and not Path(path).is_file():
+                problems.append(f"data.{split}_manifest: file not found: {path}")
+        if self.image_root and not Path(self.image_root).is_dir():
+            problems.append(f"data.image_root: directory not found: {self.image_root}")
+        return problems

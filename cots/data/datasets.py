@@ -1,0 +1,129 @@
+"""Datasets over manifest entries: training pairs and retrieval galleries."""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import Dataset
+
+from cots.data.images import BadSample, load_rgb
+from cots.data.manifest import ManifestEntry
+from cots.data.text_tokenizer import TextTokenizer
+
+# How many following samples a training item may try before the batch is declared unusable.
+MAX_SUBSTITUTIONS = 16
+
+
+def clean_caption(caption: str) -> str:
+    """Collapse white space; '' means unusable."""
+    return " ".join(caption.split()) if isinstance(caption, str) else ""
+
+
+class ImageTextPairs(Dataset):
+    """One item per (image, caption) pair of the manifest.
+
+    A sample that cannot be decoded is replaced by the next usable one so that
+    every rank keeps the same batch size; the reasons travel with the batch to be
+    counted. Empty captions are dropped up front and counted in ``dropped``.
+    """
+
+    def __init__(self, entries: list[ManifestEntry], transform: Callable, seed: int = 0) -> None:
+        self.entries = entries
+        self.transform = transform
+        self.seed = seed
+        self.pairs: list[tuple[int, str]] = []
+        self.dropped: Counter[str] = Counter()
+        for i, entry in enumerate(entries):
+            for caption in entry.captions:
+                text = clean_caption(caption)
+                if text:
+                    self.pairs.append((i, text))
+                else:
+                    self.dropped["empty_caption"] += 1
+        if not self.pairs:
+            raise ValueError("the training manifest has no usable image-caption pair")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def captions(self) -> list[str]:
+        return [caption for _, caption in self.pairs]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``key`` is an index, or ``(index, epoch)`` from :class:`ShardedEpochSampler`."""
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        skipped = []
+        for attempt in range(MAX_SUBSTITUTIONS):
+            pair_index = (index + attempt) % len(self.pairs)
+            entry_index, caption = self.pairs[pair_index]
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    # The crop is a function of (seed, epoch, sample): identical under any
+                    # number of workers or ranks, and after a resume.
+                    torch.manual_seed(hash((self.seed, epoch, pair_index)) & 0x7FFF_FFFF_FFFF_FFFF)
+                    image = self.transform(load_rgb(self.entries[entry_index].image))
+            except BadSample as bad:
+                skipped.append(bad.reason)
+                continue
+            return {"image": image, "caption": caption, "index": pair_index, "skipped": skipped}
+        raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive unusable samples from index {index}: {Counter(skipped)}")
+
+
+class GalleryImages(Dataset):
+    """The images of a retrieval gallery, in manifest order. Undecodable ones become blank and are counted."""
+
+    def __init__(self, entries: list[ManifestEntry], transform: Callable, image_size: int) -> None:
+        self.entries = entries
+        self.transform = transform
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            image, skipped = self.transform(load_rgb(self.entries[index].image)), []
+        except BadSample as bad:
+            image, skipped = torch.zeros(3, self.image_size, self.image_size), [bad.reason]
+        return {"image": image, "index": index, "skipped": skipped}
+
+
+class GalleryCaptions(Dataset):
+    """All captions of a retrieval gallery with the index of their image."""
+
+    def __init__(self, entries: list[ManifestEntry]) -> None:
+        self.captions: list[str] = []
+        self.text_to_image: list[int] = []
+        for i, entry in enumerate(entries):
+            for caption in entry.captions:
+                text = clean_caption(caption)
+                if text:
+                    self.captions.append(text)
+                    self.text_to_image.append(i)
+        if not self.captions:
+            raise ValueError("the retrieval manifest has no usable caption")
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"caption": self.captions[index], "index": index, "image_index": self.text_to_image[index]}
+
+
+class Collate:
+    """Stack images, tokenise captions, count skipped samples by reason."""
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch: dict = {"index": torch.tensor([it["index"] for it in items], dtype=torch.long)}
+        if "image" in items[0]:
+            batch["images"] = torch.stack([it["image"] for it in items])
+        if "caption" in items[0]:
+            batch["input_ids"], batch["attention_mask"] = self.tokenizer([it["caption"] for it in items])
+        if "image_index" in items[0]:
+            batch["image_index"] = torch.tensor([it["image_index"] for it in items], dtype=torch.long)
+        batch["skipped"] = Counter(reason for it in items for reason in it.get("skipped", []))
+        return batch

@@ -1,0 +1,63 @@
+"""Shared fixtures: the real Hydra config, composed and shrunk for CPU tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from cots.train import CONF_DIR
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Tiny towers and a small synthetic set: every test that trains starts from these.
+TINY = [
+    "experiment=smoke",
+    "data.synthetic.num_train=256",
+    "data.synthetic.num_val=64",
+    "data.synthetic.num_test=64",
+    # one folder per size, so that tests asking for other sizes do not rebuild each other's data
+    "data.synthetic.out_dir=${paths.data_dir}/synthetic-${data.synthetic.num_train}-${data.synthetic.num_val}",
+    "data.batch_size=16",
+    "data.eval_batch_size=64",
+    "model.queue_size=64",
+    "model.encoder.embed_dim=32",
+    "model.encoder.image_tower.embed_dim=48",
+    "model.encoder.image_tower.depth=1",
+    "model.encoder.text_tower.hidden_size=48",
+    "model.encoder.text_tower.num_layers=1",
+    "data.text_tokenizer.vocab_size=200",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=null",
+    "trainer.check_val_every_n_epoch=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "~logger.tensorboard",
+    "test=false",
+]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One synthetic data folder for the whole session (built on first use)."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, data_dir: Path):
+    """compose(overrides) -> the real train config on tiny settings, writing under tmp_path."""
+
+    def _make(*overrides: str, config_name: str = "train") -> DictConfig:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=[*TINY, *overrides] if config_name == "train" else list(overrides))
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.paths.data_dir = str(data_dir)
+            cfg.paths.log_dir = str(tmp_path / "logs")
+        return cfg
+
+    return _make

@@ -1,0 +1,56 @@
+"""Recall@K against a brute-force reference built from full argsorts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cots.eval.retrieval import chance_table, retrieval_metrics
+
+
+def brute_force(scores: np.ndarray, text_to_image: np.ndarray) -> dict[str, float]:
+    n_img, n_txt = scores.shape
+    i2t_ranks = []
+    for i in range(n_img):
+        order = np.argsort(-scores[i], kind="stable")
+        positions = [int(np.where(order == t)[0][0]) for t in np.where(text_to_image == i)[0]]
+        i2t_ranks.append(min(positions))
+    t2i_ranks = []
+    for t in range(n_txt):
+        order = np.argsort(-scores[:, t], kind="stable")
+        t2i_ranks.append(int(np.where(order == text_to_image[t])[0][0]))
+    out = {}
+    for name, ranks in (("i2t", np.array(i2t_ranks)), ("t2i", np.array(t2i_ranks))):
+        for k in (1, 5, 10):
+            out[f"{name}_r{k}"] = 100.0 * float(np.mean(ranks < k))
+    out["rsum"] = sum(out.values())
+    out["r_mean"] = out["rsum"] / 6
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_recall_matches_brute_force_with_one_to_five_captions(seed, chunk):
+    rng = np.random.default_rng(seed)
+    n_img = 40
+    captions_per_image = rng.integers(1, 6, size=n_img)
+    text_to_image = np.repeat(np.arange(n_img), captions_per_image)
+    rng.shuffle(text_to_image)
+    images = torch.tensor(rng.normal(size=(n_img, 16)), dtype=torch.float64)
+    texts = torch.tensor(rng.normal(size=(len(text_to_image), 16)), dtype=torch.float64)
+    # pull captions towards their image so that recalls are neither 0 nor 100
+    texts += 0.6 * images[torch.tensor(text_to_image)]
+    got = retrieval_metrics(images, texts, torch.tensor(text_to_image), chunk_size=chunk)
+    expected = brute_force((images @ texts.T).numpy(), text_to_image)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value), key
+    assert 0 < got["i2t_r1"] < 100 and 0 < got["t2i_r1"] < 100
+
+
+def test_chance_table_matches_random_scores():
+    n_img = 50
+    text_to_image = torch.arange(n_img).repeat_interleave(5)
+    runs = [retrieval_metrics(torch.randn(n_img, 8), torch.randn(5 * n_img, 8), text_to_image) for _ in range(60)]
+    chance = chance_table(n_img, 5)
+    for key in ("i2t_r5", "t2i_r5"):
+        assert np.mean([r[key] for r in runs]) == pytest.approx(chance[key], abs=3.0)
