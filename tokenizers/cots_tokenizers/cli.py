@@ -1,4 +1,4 @@
-"""``cots-tokenizer``: convert official dVAE weights, train a dVAE, inspect a file."""
+"""``cots-tokenizer``: convert official dVAE weights, train a dVAE, cache a manifest's tokens, inspect a file."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,23 @@ def _parser() -> argparse.ArgumentParser:
             kind = float if f.name == "max_minutes" else type(default)
             t.add_argument(flag, type=kind, default=default, help=f"default {default}")
 
+    k = sub.add_parser("cache", help="precompute a manifest's dVAE token grids into a memory-mapped token cache")
+    k.add_argument("--manifest", required=True, help="JSON/CSV manifest; cache row i = manifest entry i")
+    k.add_argument("--weights", required=True, help="dVAE .safetensors (convert or train output)")
+    k.add_argument("--image-size", type=int, required=True, help="ViT input side in px (data.image_size)")
+    k.add_argument("--out", required=True, help="tokens file, e.g. data/coco/train_tokens.npy (.boxes.npy and .json beside it)")
+    k.add_argument("--patch-size", type=int, default=None, help="ViT patch side: the dVAE size is then image_size / patch_size * 8")
+    k.add_argument("--dvae-size", type=int, default=None, help="dVAE input side in px (default: from --patch-size, else the file's)")
+    k.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the manifest's)")
+    k.add_argument("--crops", type=int, default=0, help="k random resized crops per image besides the centre crop")
+    k.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0), help="area fraction range of the random crops")
+    k.add_argument("--crop-ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), help="aspect (w/h) range of the random crops")
+    k.add_argument("--seed", type=int, default=0, help="seed of the random crops")
+    k.add_argument("--batch-size", type=int, default=64)
+    k.add_argument("--workers", type=int, default=0, help="image decoding workers")
+    k.add_argument("--device", default="cpu", help="where the dVAE runs (cpu, cuda)")
+    k.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+
     i = sub.add_parser("info", help="print the metadata of a dVAE safetensors file")
     i.add_argument("path")
     return p
@@ -64,6 +81,8 @@ def _run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
         train_from_manifest(args.manifest, args.out, cfg, image_root=args.image_root, max_images=args.max_images)
+    elif args.command == "cache":
+        _cache(args)
     elif args.command == "info":
         from .weights import load_weights
 
@@ -72,6 +91,30 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({"arch": w.arch.to_dict(), "input_size": w.input_size, "encoder_params": n,
                           "has_decoder": w.decoder is not None, **w.extra}, indent=2))
     return 0
+
+
+def _cache(args: argparse.Namespace) -> None:
+    from cots.data.token_cache import build_token_cache
+    from cots.geometry import check_grid
+
+    from .base import dvae_input_size
+    from .dalle import DalleTokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = args.dvae_size
+    if size is None and args.patch_size:
+        size = dvae_input_size(args.image_size, args.patch_size)
+    tokenizer = DalleTokenizer(args.weights, input_size=size)
+    if args.patch_size:
+        check_grid(args.image_size, args.patch_size, tokenizer.input_size, tokenizer.downsample,
+                   keys=("--image-size", "--patch-size", "--dvae-size"))
+    out = build_token_cache(
+        args.manifest, tokenizer, args.out, args.image_size, image_root=args.image_root, crops=args.crops,
+        scale=tuple(args.crop_scale), ratio=tuple(args.crop_ratio), seed=args.seed, batch_size=args.batch_size,
+        num_workers=args.workers, device=args.device, weights=args.weights,
+    )
+    print(f"wrote {out} ({tokenizer.grid_size()}x{tokenizer.grid_size()} tokens, 1 + {args.crops} crops per image)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,225 @@
+"""Training pairs with what masked vision-language modeling needs (DESIGN §4).
+
+Each item carries, besides the ViT view and the caption:
+
+* ``image_tokens`` (h, w) long, from a :class:`TokenCache`, when the crop is a cached one
+  (the centre crop or one of the k recorded random crops), or
+* ``image_dvae`` (3, s, s) float in [0, 1], the same crop at the dVAE resolution, for the
+  online path (the training step tokenizes the batch);
+* ``patch_mask`` (P,) bool, a BEiT block mask, when a mask generator is given.
+
+Crops, cache variants and masks are functions of ``(seed, epoch, pair index)``: identical
+under any number of workers or ranks, and after a resume.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+
+from cots.data.crops import DEFAULT_RATIO, center_box, crop_view, image_to_uint8, normalize_imagenet, random_resized_box
+from cots.data.datasets import MAX_SUBSTITUTIONS, Collate, ImageTextPairs
+from cots.data.images import BadSample, load_rgb
+from cots.data.manifest import ManifestEntry
+from cots.data.text_tokenizer import TextTokenizer
+from cots.data.token_cache import TokenCache
+from cots.masking import BlockMaskGenerator, TextMasker, sample_rng
+
+CACHE_CROPS = ("center", "random", "any")
+
+
+class ImageTextTokenPairs(ImageTextPairs):
+    """:class:`ImageTextPairs` whose ViT crop comes with dVAE tokens (cache) or a dVAE view (online).
+
+    Args:
+        entries: manifest entries (the cache's rows, in the same order).
+        image_size: ViT view side in pixels.
+        dvae_input_size: dVAE view side (online path; with a cache it is the cache's).
+        seed: data seed.
+        scale, ratio: RandomResizedCrop parameters of the online path; ``scale=None`` = centre crop.
+        hflip: flip probability (online path only: cached tokens are of unflipped crops).
+        token_cache: serve tokens from it instead of a dVAE view.
+        cache_crop: which cached variant trains: ``center`` (0), ``random`` (one of 1..k),
+            ``any`` (one of 0..k); default ``random`` when the cache has crops, else ``center``.
+        mask_generator: adds a block ``patch_mask`` (P,) to every item.
+        pair_options: further :class:`ImageTextPairs` arguments (e.g. ``noise_rate``, ``noise_seed``).
+    """
+
+    def __init__(
+        self,
+        entries: list[ManifestEntry],
+        image_size: int,
+        dvae_input_size: int | None = None,
+        seed: int = 0,
+        scale: tuple[float, float] | None = (0.5, 1.0),
+        ratio: tuple[float, float] = DEFAULT_RATIO,
+        hflip: float = 0.0,
+        token_cache: TokenCache | None = None,
+        cache_crop: str | None = None,
+        mask_generator: BlockMaskGenerator | None = None,
+        **pair_options,
+    ) -> None:
+        super().__init__(entries, transform=None, seed=seed, **pair_options)
+        self.image_size = image_size
+        self.scale = tuple(scale) if scale is not None else None
+        self.ratio = tuple(ratio)
+        self.hflip = hflip
+        self.token_cache = token_cache
+        self.mask_generator = mask_generator
+        if token_cache is not None:
+            if len(token_cache) != len(entries):
+                raise ValueError(f"token cache {token_cache.path} has {len(token_cache)} images, the manifest {len(entries)}")
+            if hflip > 0:
+                raise ValueError(
+                    "data.train_transform.hflip > 0 needs online image tokens: cached tokens are of unflipped crops"
+                )
+            cache_crop = cache_crop or ("random" if token_cache.crops else "center")
+            if cache_crop not in CACHE_CROPS:
+                raise ValueError(f"cache_crop must be one of {CACHE_CROPS}, got {cache_crop!r}")
+            if cache_crop == "random" and not token_cache.crops:
+                raise ValueError(f"cache_crop=random but {token_cache.path} holds only the centre crop (built with --crops 0)")
+            self.dvae_input_size = int(token_cache.meta["dvae_input_size"])
+        else:
+            if dvae_input_size is None:
+                raise ValueError("dvae_input_size is required without a token cache (online tokens)")
+            self.dvae_input_size = int(dvae_input_size)
+        self.cache_crop = cache_crop
+        if mask_generator is not None:
+            grid = self.dvae_input_size // 8
+            if (mask_generator.height, mask_generator.width) != (grid, grid):
+                raise ValueError(f"mask grid {mask_generator.height}x{mask_generator.width} != token grid {grid}x{grid}")
+
+    def _variant(self, rng: np.random.Generator) -> int:
+        k = self.token_cache.crops
+        if self.cache_crop == "center":
+            return 0
+        if self.cache_crop == "random":
+            return 1 + int(rng.integers(k))
+        return int(rng.integers(k + 1))
+
+    def _views(self, entry_index: int, rng: np.random.Generator) -> dict:
+        image = image_to_uint8(load_rgb(self.entries[entry_index].image))  # 3 x H x W uint8
+        if self.token_cache is not None:
+            variant = self._variant(rng)
+            box = self.token_cache.box(entry_index, variant)
+            try:
+                view = crop_view(image, box, self.image_size)
+            except ValueError as err:
+                image_path = self.entries[entry_index].image
+                raise ValueError(f"{image_path} changed since {self.token_cache.path} was built: {err}") from None
+            return {"image": normalize_imagenet(view), "image_tokens": self.token_cache[entry_index, variant]}
+        height, width = image.shape[-2:]
+        if self.scale is None:
+            box = center_box(height, width)
+        else:
+            box = random_resized_box(height, width, rng, self.scale, self.ratio)
+        flip = self.hflip > 0 and rng.random() < self.hflip
+        return {
+            "image": normalize_imagenet(crop_view(image, box, self.image_size, flip)),
+            "image_dvae": crop_view(image, box, self.dvae_input_size, flip),
+        }
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``key`` is an index, or ``(index, epoch)`` from :class:`ShardedEpochSampler`."""
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        skipped = []
+        for attempt in range(MAX_SUBSTITUTIONS):
+            pair_index = (index + attempt) % len(self.pairs)
+            entry_index, caption = self.pairs[pair_index]
+            if self.token_cache is not None and entry_index in self.token_cache.unreadable:
+                skipped.append("undecodable")
+                continue
+            # Independent streams for the crop and the mask: changing one setting leaves the other as it was.
+            crop_rng, mask_rng = (sample_rng(self.seed, epoch, pair_index, stream) for stream in (0, 1))
+            try:
+                item = self._views(entry_index, crop_rng)
+            except BadSample as bad:
+                skipped.append(bad.reason)
+                continue
+            if self.mask_generator is not None:
+                item["patch_mask"] = torch.from_numpy(self.mask_generator(mask_rng).reshape(-1))  # P
+            # Seeds the collate's text masking: a function of the samples, not of the worker.
+            item["mask_seed"] = int(sample_rng(self.seed, epoch, pair_index, 2).integers(2**62))
+            item.update(caption=caption, index=pair_index, skipped=skipped)
+            noisy = getattr(self, "noisy", None)  # caption-noise flags of ImageTextPairs, when it has them
+            if noisy is not None:
+                item["noisy"] = bool(noisy[pair_index])
+            return item
+        raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive unusable samples from index {index}: {Counter(skipped)}")
+
+
+class MVLMCollate(Collate):
+    """:class:`Collate` plus the MVLM fields: ``image_tokens`` (B, h, w), ``images_dvae`` (B, 3, s, s),
+    ``patch_mask`` (B, P), and with a text masker ``mlm_input_ids`` / ``mlm_labels`` (B, L).
+
+    Args:
+        tokenizer: the caption tokenizer.
+        text_masker: BERT masking of the captions (None: the training step masks, or no CMLM).
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, text_masker: TextMasker | None = None) -> None:
+        super().__init__(tokenizer)
+        self.text_masker = text_masker
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = super().__call__(items)
+        for key, out in (("image_tokens", "image_tokens"), ("image_dvae", "images_dvae"), ("patch_mask", "patch_mask")):
+            if key in items[0]:
+                batch[out] = torch.stack([it[key] for it in items])
+        if self.text_masker is not None and "input_ids" in batch:
+            # Seeded by the samples themselves, so the masks follow the data, not the worker or the rank.
+            seed = hash(tuple(it.get("mask_seed", it["index"]) for it in items)) & 0x7FFF_FFFF_FFFF_FFFF
+            generator = torch.Generator().manual_seed(seed)
+            masked_ids, labels = self.text_masker(batch["input_ids"], batch["attention_mask"], generator)
+            batch["mlm_input_ids"], batch["mlm_labels"] = masked_ids, labels  # B x L each
+        return batch
+
+
+def build_token_pairs(
+    entries: list[ManifestEntry],
+    image_size: int,
+    seed: int,
+    image_tokens: dict,
+    train_transform: dict | None = None,
+    manifest: str | None = None,
+    **pair_options,
+) -> ImageTextTokenPairs:
+    """The training set of the data module when ``data.image_tokens`` is set.
+
+    Args:
+        entries: the training manifest's entries; manifest: its path (checked against the cache).
+        image_size, seed: ``data.image_size``, ``data.seed``.
+        image_tokens: ``data.image_tokens``: ``source`` (``cache`` | ``online``), ``dvae_input_size``,
+            ``cache`` (tokens .npy), ``cache_crop``, ``weights`` (dVAE file, checked against the cache),
+            ``vocab_size`` (checked), ``block_mask`` (kwargs of :class:`BlockMaskGenerator` without the
+            grid, or null for no patch masks).
+        train_transform: ``data.train_transform`` (``scale``, ``hflip``; ``ratio`` optional).
+        pair_options: passed to :class:`ImageTextPairs` (``noise_rate``, ``noise_seed``).
+    """
+    cfg, transform = dict(image_tokens), dict(train_transform or {})
+    source = cfg.get("source", "online")
+    dvae_size = cfg.get("dvae_input_size")
+    cache = None
+    if source == "cache":
+        grid = dvae_size // 8 if dvae_size else None
+        cache = TokenCache(cfg["cache"], manifest=manifest, weights=cfg.get("weights"), num_images=len(entries),
+                           grid=grid, vocab_size=cfg.get("vocab_size"), dvae_input_size=dvae_size)
+        dvae_size = int(cache.meta["dvae_input_size"])
+    elif source != "online":
+        raise ValueError(f"data.image_tokens.source must be 'cache' or 'online', got {source!r}")
+    block_mask = cfg.get("block_mask")
+    generator = BlockMaskGenerator(dvae_size // 8, **dict(block_mask)) if block_mask is not None else None
+    return ImageTextTokenPairs(
+        entries,
+        image_size,
+        dvae_size,
+        seed=seed,
+        scale=transform.get("scale", (0.5, 1.0)),
+        ratio=transform.get("ratio", DEFAULT_RATIO),
+        hflip=transform.get("hflip", 0.0),
+        token_cache=cache,
+        cache_crop=cfg.get("cache_crop"),
+        mask_generator=generator,
+        **pair_options,
+    )
