@@ -5,10 +5,11 @@ workers, serialisable into checkpoints as a JSON string).
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from cots.models.local_paths import resolve_local_dir
 
@@ -62,14 +63,31 @@ class TextTokenizer:
 
 
 def train_wordpiece(captions: Iterable[str], vocab_size: int = 8000, min_frequency: int = 1) -> Tokenizer:
-    """A lower-cased BERT-style WordPiece tokenizer trained on ``captions`` (deterministic)."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS), show_progress=False
-    )
-    tokenizer.train_from_iterator(captions, trainer=trainer)
+    """A lower-cased BERT-style WordPiece tokenizer whose vocabulary is learnt from ``captions``.
+
+    The vocabulary is every character seen (alone and as a ``##`` continuation, so that any
+    word can be spelled) plus the most frequent whole words, ties broken alphabetically.
+    It is chosen here rather than by ``tokenizers.trainers.WordPieceTrainer``, whose result
+    changes from call to call (ids and, at the size limit, tokens): processes of one DDP run
+    must agree on every id, and a resumed run must get the ids it was trained with.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for caption in captions:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption)))
+    alphabet = sorted({ch for word in counts for ch in word})
+    vocab = list(SPECIAL_TOKENS) + alphabet + [f"##{ch}" for ch in alphabet]
+    known = set(vocab)
+    for word, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if len(vocab) >= vocab_size or count < min_frequency:
+            break
+        if word not in known:
+            vocab.append(word)
+            known.add(word)
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
