@@ -1,4 +1,4 @@
-"""LightningModule: orders forward -> objective -> enqueue, steps the momentum, logs, evaluates."""
+"""LightningModule: orders forward -> filter -> objective -> enqueue, steps the momentum, logs, evaluates."""
 from __future__ import annotations
 
 from collections import Counter
@@ -7,6 +7,8 @@ from collections.abc import Callable
 import lightning as L
 import torch
 
+from cots import distributed
+from cots.amf import AMFDecision, noise_confusion, precision_recall
 from cots.checkpoints import capture_rng_state, restore_rng_state
 from cots.eval.retrieval import retrieval_metrics
 from cots.models.cots_model import COTSModel
@@ -36,7 +38,7 @@ class COTSLitModule(L.LightningModule):
         scheduler: Callable | None = None,
         momentum: float = 0.995,
         momentum_schedule: str = "constant",
-        eval_chunk_size: int = 1024,
+        eval_chunk_size: int | None = None,
         run_config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -52,12 +54,19 @@ class COTSLitModule(L.LightningModule):
         self.skipped: Counter[str] = Counter()
         self._gallery: dict[str, list] = {}
         self.last_retrieval: dict[str, float] = {}
+        # [filtered & noisy, filtered & clean, kept & noisy, kept & clean] once AMF is active, over injected noise
+        # (data.noise_rate); saved in the "cots" section of checkpoints, not in the state dict.
+        self.register_buffer("amf_noise_counts", torch.zeros(4), persistent=False)
 
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         features = self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        terms = self.objective(self.model, features)
-        self.model.enqueue(features)
+        decision = self.objective.filter_pairs(features)  # None when AMF is off
+        terms = self.objective(self.model, features, weights=None if decision is None else decision.weights)
+        self.model.enqueue(features)  # filtered pairs too: they stay useful negatives
+        if decision is not None:
+            self.objective.amf.enqueue(decision.similarities)  # after this step's decision
+            self._log_amf(decision, batch)
         self.skipped.update(batch.get("skipped", {}))
         batch_size = batch["images"].shape[0]
         for name, value in terms.items():
@@ -67,6 +76,18 @@ class COTSLitModule(L.LightningModule):
         for reason, count in self.skipped.items():
             self.log(f"data/skipped_{reason}", float(count), batch_size=batch_size)
         return terms["loss"]
+
+    def _log_amf(self, decision: AMFDecision, batch: dict) -> None:
+        """Filter statistics; with injected noise, cumulative precision/recall of the filtered pairs."""
+        batch_size = batch["images"].shape[0]
+        stats = {"filtered_fraction": decision.filtered_fraction(), "mean": decision.mean, "std": decision.std,
+                 "threshold": decision.threshold, "active": decision.active.float()}
+        if "is_noisy" in batch:
+            is_noisy = distributed.all_gather_no_grad(batch["is_noisy"].float()) > 0.5  # G, like decision.keep
+            self.amf_noise_counts += noise_confusion(decision.keep, is_noisy, decision.active)
+            stats["precision"], stats["recall"] = precision_recall(self.amf_noise_counts)
+        for name, value in stats.items():
+            self.log(f"amf/{name}", value, batch_size=batch_size)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -122,10 +143,13 @@ class COTSLitModule(L.LightningModule):
             "text_tokenizer": self.text_tokenizer_json,
             "skipped": dict(self.skipped),
             "rng": capture_rng_state(),
+            "amf_noise_counts": self.amf_noise_counts.tolist(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("cots", {})
         self.skipped = Counter(state.get("skipped", {}))
+        if "amf_noise_counts" in state:
+            self.amf_noise_counts.copy_(torch.tensor(state["amf_noise_counts"]))
         if state.get("rng"):
             restore_rng_state(state["rng"])

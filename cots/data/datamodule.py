@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from cots.data.datasets import Collate, GalleryCaptions, GalleryImages, ImageTextPairs
 from cots.data.images import build_eval_transform, build_train_transform
 from cots.data.manifest import ManifestEntry, load_manifest
+from cots.data.noise import write_noise_record
 from cots.data.sampler import ShardedEpochSampler
 from cots.data.synthetic import ensure_synthetic_dataset
 from cots.data.text_tokenizer import TextTokenizer, build_text_tokenizer
@@ -30,6 +31,9 @@ class ImageTextDataModule(L.LightningDataModule):
             training captions; ``max_length`` tokens per caption.
         synthetic: when set, the synthetic shapes set is built under ``out_dir`` first.
         csv_columns: image and caption column names of CSV manifests.
+        noise_rate: fraction of training pairs whose caption is swapped for another image's
+            (to measure the AMF); ``noise_seed`` chooses them. The noisy pairs are written to
+            ``<trainer.default_root_dir>/noisy_pairs.json``.
     """
 
     def __init__(
@@ -47,6 +51,8 @@ class ImageTextDataModule(L.LightningDataModule):
         text_tokenizer: dict | None = None,
         synthetic: dict | None = None,
         csv_columns: dict | None = None,
+        noise_rate: float = 0.0,
+        noise_seed: int = 0,
     ) -> None:
         super().__init__()
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
@@ -60,6 +66,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.text_tokenizer_args = {"pretrained": None, "vocab_size": 8000, "max_length": 64, **(text_tokenizer or {})}
         self.synthetic = dict(synthetic) if synthetic else None
         self.csv_columns = dict(csv_columns or {})
+        self.noise_rate, self.noise_seed = noise_rate, noise_seed
         self.text_tokenizer: TextTokenizer | None = None
         self._entries: dict[str, list[ManifestEntry]] = {}
         self.train_set: ImageTextPairs | None = None
@@ -72,8 +79,9 @@ class ImageTextDataModule(L.LightningDataModule):
             ensure_synthetic_dataset(**self.synthetic)
 
     def entries(self, split: str) -> list[ManifestEntry]:
+        """Entries of a split ('train', 'val', 'test') or of any other manifest path."""
         if split not in self._entries:
-            path = self.manifests[split]
+            path = self.manifests.get(split, split)
             if not path:
                 raise ValueError(f"data.{split}_manifest is not set")
             root = self.image_root
@@ -96,12 +104,17 @@ class ImageTextDataModule(L.LightningDataModule):
     def _train_pairs(self) -> ImageTextPairs:
         if self.train_set is None:
             transform = build_train_transform(self.image_size, **self.train_transform_args)
-            self.train_set = ImageTextPairs(self.entries("train"), transform, self.seed)
+            self.train_set = ImageTextPairs(self.entries("train"), transform, self.seed, self.noise_rate, self.noise_seed)
         return self.train_set
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
         self.build_text_tokenizer()
+        trainer = getattr(self, "trainer", None)
+        if self.noise_rate > 0 and stage in ("fit", None) and trainer is not None and trainer.is_global_zero:
+            pairs = self._train_pairs()
+            path = Path(trainer.default_root_dir) / "noisy_pairs.json"
+            write_noise_record(path, pairs.noise_source, self.noise_rate, self.noise_seed)
 
     # -- loaders ---------------------------------------------------------------------------
     def _rank_world(self) -> tuple[int, int]:
@@ -152,13 +165,13 @@ class ImageTextDataModule(L.LightningDataModule):
             self._resume_state = dict(state)
 
     def gallery_loaders(self, split: str) -> list[DataLoader]:
-        """[images, captions] loaders of a retrieval split (each rank reads the whole gallery)."""
+        """[images, captions] loaders of a retrieval split or manifest path (each rank reads the whole gallery)."""
         entries = self.entries(split)
         images = GalleryImages(entries, build_eval_transform(self.image_size), self.image_size)
         return [self._loader(images, self.eval_batch_size), self._loader(GalleryCaptions(entries), self.eval_batch_size)]
 
-    def text_to_image(self, split: str) -> list[int]:
-        return GalleryCaptions(self.entries(split)).text_to_image
+    def gallery_captions(self, split: str) -> GalleryCaptions:
+        return GalleryCaptions(self.entries(split))
 
     def val_dataloader(self) -> list[DataLoader]:
         return self.gallery_loaders("val")

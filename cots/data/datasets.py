@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 
 from cots.data.images import BadSample, load_rgb
 from cots.data.manifest import ManifestEntry
+from cots.data.noise import choose_noisy_pairs
 from cots.data.text_tokenizer import TextTokenizer
 
 # How many following samples a training item may try before the batch is declared unusable.
@@ -26,9 +27,15 @@ class ImageTextPairs(Dataset):
     A sample that cannot be decoded is replaced by the next usable one so that
     every rank keeps the same batch size; the reasons travel with the batch to be
     counted. Empty captions are dropped up front and counted in ``dropped``.
+
+    With ``noise_rate`` p > 0, a seeded fraction p of the pairs gets the caption of a pair of
+    another image (:mod:`cots.data.noise`); ``noisy`` (N,) bool marks them and ``noise_source``
+    (N,) names the pair each caption came from (-1 when clean).
     """
 
-    def __init__(self, entries: list[ManifestEntry], transform: Callable, seed: int = 0) -> None:
+    def __init__(
+        self, entries: list[ManifestEntry], transform: Callable, seed: int = 0, noise_rate: float = 0.0, noise_seed: int = 0
+    ) -> None:
         self.entries = entries
         self.transform = transform
         self.seed = seed
@@ -43,6 +50,12 @@ class ImageTextPairs(Dataset):
                     self.dropped["empty_caption"] += 1
         if not self.pairs:
             raise ValueError("the training manifest has no usable image-caption pair")
+        self.noise_rate, self.noise_seed = noise_rate, noise_seed
+        self.noise_source = choose_noisy_pairs([image for image, _ in self.pairs], noise_rate, noise_seed)
+        self.noisy = self.noise_source >= 0
+        captions = self.captions()
+        for i in torch.nonzero(self.noisy).squeeze(1).tolist():
+            self.pairs[i] = (self.pairs[i][0], captions[int(self.noise_source[i])])
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -66,7 +79,7 @@ class ImageTextPairs(Dataset):
             except BadSample as bad:
                 skipped.append(bad.reason)
                 continue
-            return {"image": image, "caption": caption, "index": pair_index, "skipped": skipped}
+            return {"image": image, "caption": caption, "index": pair_index, "noisy": bool(self.noisy[pair_index]), "skipped": skipped}
         raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive unusable samples from index {index}: {Counter(skipped)}")
 
 
@@ -123,6 +136,8 @@ class Collate:
             batch["images"] = torch.stack([it["image"] for it in items])
         if "caption" in items[0]:
             batch["input_ids"], batch["attention_mask"] = self.tokenizer([it["caption"] for it in items])
+        if "noisy" in items[0]:
+            batch["is_noisy"] = torch.tensor([it["noisy"] for it in items], dtype=torch.bool)
         if "image_index" in items[0]:
             batch["image_index"] = torch.tensor([it["image_index"] for it in items], dtype=torch.long)
         batch["skipped"] = Counter(reason for it in items for reason in it.get("skipped", []))

@@ -89,13 +89,18 @@ class COTSModel(nn.Module):
         positive_index = distributed.rank() * batch + torch.arange(batch, device=images.device)
         return PairFeatures(image, text, image_m, text_m, image_keys, text_keys, positive_index)
 
+    def queue_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The queues Q^v, Q^t (K, D) and their validity mask (K,): False for slots not yet written."""
+        queue = self.feature_queue
+        return queue.image.data, queue.text.data, queue.valid_mask()
+
     def keys_with_queue(self, features: PairFeatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[global batch keys ; queue] for both modalities and the validity mask: (G+K, D), (G+K, D), (G+K,)."""
-        queue = self.feature_queue
-        image_keys = torch.cat([features.image_keys, queue.image.data.to(features.image_keys.dtype)])
-        text_keys = torch.cat([features.text_keys, queue.text.data.to(features.text_keys.dtype)])
+        image_queue, text_queue, queue_valid = self.queue_keys()
+        image_keys = torch.cat([features.image_keys, image_queue.to(features.image_keys.dtype)])
+        text_keys = torch.cat([features.text_keys, text_queue.to(features.text_keys.dtype)])
         batch_valid = torch.ones(features.image_keys.shape[0], dtype=torch.bool, device=image_keys.device)
-        return image_keys, text_keys, torch.cat([batch_valid, queue.valid_mask()])
+        return image_keys, text_keys, torch.cat([batch_valid, queue_valid])
 
     @torch.no_grad()
     def enqueue(self, features: PairFeatures) -> None:
