@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cots.checkpoints import read_checkpoint
 from cots.config_checks import ConfigError, check_config
 from cots.eval.retrieval import chance_table, format_table
+from cots.report import write_report
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -57,16 +58,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
+        split = "test" if cfg.data.get("test_manifest") else "val"
         trainer.test(module, datamodule=datamodule, verbose=False)
         metrics.update({f"test/{k}": v for k, v in module.last_retrieval.items()})
-        report_retrieval(module.last_retrieval, datamodule, "test" if cfg.data.get("test_manifest") else "val", Path(cfg.paths.output_dir))
+        output_dir = Path(cfg.paths.output_dir)
+        report_retrieval(module.last_retrieval, datamodule, split, output_dir)
+        if cfg.get("report") and trainer.is_global_zero:
+            png = write_report(
+                module.model.encoder, datamodule.gallery_loaders(split), datamodule.gallery_captions(split).captions,
+                output_dir / "csv" / "metrics.csv", output_dir / "report.png", title=f"{cfg.task_name}: held-out {split}",
+            )
+            print(f"wrote {png}")
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
 def report_retrieval(table: dict[str, float], datamodule, split: str, output_dir: Path) -> None:
     """Print the R@K table next to chance level and write retrieval.json."""
     entries = datamodule.entries(split)
-    captions = len(datamodule.text_to_image(split))
+    captions = len(datamodule.gallery_captions(split))
     chance = chance_table(len(entries), captions / max(len(entries), 1))
     print(f"\nRetrieval on {split} ({len(entries)} images, {captions} captions)")
     print(format_table({"model": table, "chance": chance}))

@@ -17,6 +17,8 @@ class TextTower(nn.Module):
         vocab_size: must match the text tokenizer (filled in from it when None).
         hidden_size, num_layers, num_heads, intermediate_size, max_length: architecture when from scratch.
         grad_checkpointing: activation checkpointing of the layers.
+        trainable_layers: None trains everything; k trains only the top k layers (embeddings and
+            lower layers frozen, as in locked-text tuning of a pretrained tower); 0 freezes the tower.
     """
 
     def __init__(
@@ -30,6 +32,7 @@ class TextTower(nn.Module):
         max_length: int = 64,
         dropout: float = 0.1,
         grad_checkpointing: bool = False,
+        trainable_layers: int | None = None,
     ) -> None:
         super().__init__()
         if pretrained:
@@ -54,6 +57,17 @@ class TextTower(nn.Module):
             self.bert.gradient_checkpointing_enable()
         self.width = self.bert.config.hidden_size
         self.vocab_size = self.bert.config.vocab_size
+        if trainable_layers is not None:
+            self.freeze_below(trainable_layers)
+
+    def freeze_below(self, trainable_layers: int) -> None:
+        """Freeze embeddings and all but the top ``trainable_layers`` layers."""
+        layers = self.bert.encoder.layer
+        if not 0 <= trainable_layers <= len(layers):
+            raise ValueError(f"model.encoder.text_tower.trainable_layers={trainable_layers} not in [0, {len(layers)}]")
+        self.bert.embeddings.requires_grad_(False)
+        for layer in layers[: len(layers) - trainable_layers]:
+            layer.requires_grad_(False)
 
     @property
     def word_embeddings(self) -> nn.Embedding:
