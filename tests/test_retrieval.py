@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from cots.eval.retrieval import chance_table, retrieval_metrics
+from cots.eval.retrieval import (
+    chance_table,
+    image_to_text_ranks,
+    retrieval_metrics,
+    rows_per_chunk,
+    text_to_image_ranks,
+)
 
 
 def brute_force(scores: np.ndarray, text_to_image: np.ndarray) -> dict[str, float]:
@@ -54,3 +60,38 @@ def test_chance_table_matches_random_scores():
     chance = chance_table(n_img, 5)
     for key in ("i2t_r5", "t2i_r5"):
         assert np.mean([r[key] for r in runs]) == pytest.approx(chance[key], abs=3.0)
+
+
+def test_memory_budget_sets_the_chunk_and_leaves_ranks_unchanged():
+    rng = np.random.default_rng(3)
+    n_img = 37
+    text_to_image = torch.tensor(rng.permutation(np.repeat(np.arange(n_img), 5)))
+    images = torch.tensor(rng.normal(size=(n_img, 16)), dtype=torch.float32)
+    texts = torch.tensor(rng.normal(size=(len(text_to_image), 16)), dtype=torch.float32) + 0.5 * images[text_to_image]
+    # 1e-4 MB = 104 bytes: one row per chunk on both sides; 512 MB: a single chunk.
+    assert rows_per_chunk(len(text_to_image), 4, 1e-4) == 1 and rows_per_chunk(n_img, 4, 512) >= n_img
+    # a row of 1000 fp32 scores (4000 bytes) and its comparison (bool + int64 sum: 9000 bytes)
+    assert rows_per_chunk(1000, 4, 13_000 / 2**20) == 1 and rows_per_chunk(1000, 4, 26_000 / 2**20) == 2
+    for ranks in (image_to_text_ranks, text_to_image_ranks):
+        tiny = ranks(images, texts, text_to_image, chunk_size=None, memory_budget_mb=1e-4)
+        big = ranks(images, texts, text_to_image, chunk_size=None, memory_budget_mb=512)
+        assert torch.equal(tiny, big) and torch.equal(big, ranks(images, texts, text_to_image, chunk_size=5))
+    tiny = retrieval_metrics(images, texts, text_to_image, memory_budget_mb=1e-4)
+    assert tiny == retrieval_metrics(images, texts, text_to_image, memory_budget_mb=512)
+    assert 0 < tiny["i2t_r1"] < 100 and 0 < tiny["t2i_r1"] < 100
+
+
+def test_images_without_captions_rank_last():
+    images, texts = torch.randn(4, 8), torch.randn(6, 8)
+    text_to_image = torch.tensor([0, 0, 1, 1, 3, 3])  # image 2 has no caption
+    assert image_to_text_ranks(images, texts, text_to_image, chunk_size=3)[2] == 6
+
+
+def test_ranks_counted_in_column_slices_match(monkeypatch):
+    import cots.eval.retrieval as retrieval
+
+    images, texts = torch.randn(9, 8), torch.randn(45, 8)
+    text_to_image = torch.randperm(45) % 9
+    whole = retrieval_metrics(images, texts, text_to_image)
+    monkeypatch.setattr(retrieval, "COUNT_BLOCK", 4)  # 45 captions / 9 images in slices of 4 columns
+    assert retrieval_metrics(images, texts, text_to_image, chunk_size=2) == whole
