@@ -20,13 +20,18 @@ def momentum_copy(module: nn.Module) -> nn.Module:
 
 
 def parameter_pairs(online: nn.Module, momentum: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Matching (momentum, online) parameter lists, checked by name once."""
+    """Matching (momentum, online) parameter lists, checked by name once.
+
+    Frozen online parameters are left out: they never change, so their momentum twins
+    (copied at start) stay equal to them without an update every step.
+    """
     targets, sources = [], []
     for (name_m, p_m), (name_o, p_o) in zip(momentum.named_parameters(), online.named_parameters(), strict=True):
         if name_m != name_o:
             raise RuntimeError(f"momentum encoder out of sync with online encoder: {name_m} vs {name_o}")
-        targets.append(p_m)
-        sources.append(p_o)
+        if p_o.requires_grad:
+            targets.append(p_m)
+            sources.append(p_o)
     return targets, sources
 
 
