@@ -7,9 +7,10 @@
     python bench/step.py --shapes emoji objective=contrastive_only   # extra Hydra overrides for every shape
 
 Both steps are built from the composed Hydra config (``hydra.utils.instantiate``) and run in this
-process on the same random batch. The full step is ``COTSLitModule.training_step`` + its optimizer
-step without Lightning: forward (online + momentum) -> AMF filter -> objective (every enabled term)
--> enqueue -> backward -> AdamW -> momentum update. The CLIP step encodes both sides with the same
+process on the same random batch. The full step is ``cots.step.compute_step`` (what
+``COTSLitModule.training_step`` runs) + its optimizer step without Lightning: forward (online + momentum)
+-> AMF filter -> masked passes (when CMVM / CMLM are on; cached-style random dVAE tokens) -> objective
+(every enabled term) -> enqueue -> backward -> AdamW -> momentum update. The CLIP step encodes both sides with the same
 online towers, takes the symmetric InfoNCE over the batch with the learnable temperature and steps
 AdamW (no momentum encoder, no queue). For each: median seconds per step after the warm-up, pairs/s,
 peak memory (see ``measure.PeakMemory``), FLOPs of one step (``FlopCounterMode``), achieved FLOP/s and
@@ -135,29 +136,51 @@ def make_optimizer(cfg, module: nn.Module) -> torch.optim.Optimizer:
     return factory(param_groups(module, weight_decay))
 
 
+def mvlm_fields(cfg, model, objective, batch: Batch) -> dict:
+    """What the data module adds for CMVM / CMLM: cached-style random dVAE tokens (no dVAE in the
+    step), BEiT block masks and BERT-masked captions; empty when both terms are off."""
+    from cots.masking import BlockMaskGenerator, TextMasker, block_masks, sample_rng
+
+    fields, (size, device) = {}, (batch.images.shape[0], batch.images.device)
+    gen = torch.Generator().manual_seed(1)
+    if objective.cmvm.enabled:
+        grid = model.encoder.image_tower.grid_size
+        vocab = int(cfg.data.image_tokens.vocab_size)
+        fields["image_tokens"] = torch.randint(vocab, (size, *grid), generator=gen).to(device)  # B x h x w
+        masks = BlockMaskGenerator(grid, **cfg.data.image_tokens.block_mask)
+        fields["patch_mask"] = block_masks(masks, size, sample_rng(0)).to(device)  # B x P
+    if objective.cmlm.enabled:
+        vocab = model.encoder.text_tower.vocab_size
+        mask_id = 103 if vocab > 103 else 3  # BERT's [MASK] where the vocabulary has it (see random_batch)
+        masker = TextMasker(mask_id, [0, 1, 2, 101, 102], vocab)
+        ids, labels = masker(batch.input_ids.cpu(), batch.attention_mask.cpu(), gen)
+        fields["mlm_input_ids"], fields["mlm_labels"] = ids.to(device), labels.to(device)  # B x L each
+    return fields
+
+
 def build_full(cfg, batch: Batch, device: str, precision: str) -> Phase:
-    """COTSModel + COTSObjective + AdamW; the step of ``COTSLitModule`` without Lightning."""
+    """COTSModel + COTSObjective + AdamW; the step of ``COTSLitModule`` (``cots.step``) without Lightning."""
     from hydra.utils import instantiate
+
+    from cots.step import compute_step, enqueue_step
 
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device).train()
     objective = instantiate(cfg.objective).to(device)
     optimizer = make_optimizer(cfg, model)
     momentum = float(cfg.module.momentum)
+    inputs = {"images": batch.images, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+              **mvlm_fields(cfg, model, objective, batch)}
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, precision):
-            features = model(batch.images, batch.input_ids, batch.attention_mask)
-            decision = objective.filter_pairs(features)  # None when AMF is off
-            terms = objective(model, features, weights=None if decision is None else decision.weights)
-        model.enqueue(features)
-        if decision is not None:
-            objective.amf.enqueue(decision.similarities)
-        terms["loss"].backward()
+            out = compute_step(model, objective, inputs)  # forward -> AMF filter -> masked passes -> objective
+        enqueue_step(model, objective, out)
+        out.terms["loss"].backward()
         optimizer.step()
         model.momentum_update(momentum)
-        return terms["loss"].detach()
+        return out.terms["loss"].detach()
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Phase("full", step, [model, objective, optimizer], trainable)

@@ -38,6 +38,72 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "image_size"):
         if cfg.data[key] <= 0:
             raise ConfigError(f"data.{key} must be positive, got {cfg.data[key]}")
+    check_token_level(cfg, patch)
+
+
+def _enabled(cfg: DictConfig, term: str) -> bool:
+    settings = cfg.objective.get(term)
+    return bool(settings is not None and settings.get("enabled", False))
+
+
+def check_token_level(cfg: DictConfig, patch: int | None) -> None:
+    """CMVM / CMLM (DESIGN §4): the data provides what the terms need, and the ViT and dVAE grids agree."""
+    tokens, text_mask = cfg.data.get("image_tokens"), cfg.data.get("text_mask")
+    cmvm, cmlm = _enabled(cfg, "cmvm"), _enabled(cfg, "cmlm")
+    if cmvm and tokens is None:
+        raise ConfigError("objective.cmvm.enabled=true needs dVAE targets: set data.image_tokens "
+                          "(e.g. {source: online, dvae_input_size: ..., weights: ..., vocab_size: ..., block_mask: ...}) "
+                          "or objective.cmvm.enabled=false")
+    if cmlm and text_mask is None:
+        raise ConfigError("objective.cmlm.enabled=true needs masked captions: set data.text_mask "
+                          "(e.g. {mask_prob: 0.15, replace_prob: 0.8, random_prob: 0.1}) or objective.cmlm.enabled=false")
+    for term, on in (("cmvm", cmvm), ("cmlm", cmlm)):
+        if on and not cfg.model.get(f"{term}_head"):
+            raise ConfigError(f"objective.{term}.enabled=true needs model.{term}_head=true (its default follows the objective)")
+    if text_mask is not None:
+        probs = {k: float(text_mask.get(k, d)) for k, d in (("mask_prob", 0.15), ("replace_prob", 0.8), ("random_prob", 0.1))}
+        if not (0 < probs["mask_prob"] <= 1 and probs["replace_prob"] >= 0 and probs["random_prob"] >= 0
+                and probs["replace_prob"] + probs["random_prob"] <= 1):
+            raise ConfigError(f"data.text_mask: need 0 < mask_prob <= 1 and replace_prob + random_prob <= 1, got {probs}")
+    if tokens is not None:
+        _check_image_tokens(cfg, tokens, patch, cmvm)
+
+
+def _check_image_tokens(cfg: DictConfig, tokens: DictConfig, patch: int | None, cmvm: bool) -> None:
+    from cots.geometry import check_grid
+    from cots.masking import BlockMaskGenerator
+
+    source = tokens.get("source", "online")
+    if source not in ("cache", "online"):
+        raise ConfigError(f"data.image_tokens.source must be 'cache' or 'online', got {source!r}")
+    size = tokens.get("dvae_input_size")
+    if not isinstance(size, int) or size <= 0:
+        raise ConfigError(f"data.image_tokens.dvae_input_size must be a positive int (the ViT patch grid x 8), got {size!r}")
+    if patch:
+        try:
+            grid = check_grid(cfg.data.image_size, patch, size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    else:
+        grid = size // 8
+    if source == "cache" and not str(tokens.get("cache") or "").endswith(".npy"):
+        raise ConfigError(f"data.image_tokens.cache must be the token cache's .npy file, got {tokens.get('cache')!r}")
+    if source == "online" and not tokens.get("weights") and tokens.get("random_dvae") is None:
+        raise ConfigError("data.image_tokens.source=online needs data.image_tokens.weights (a dVAE .safetensors)")
+    if tokens.get("block_mask") is not None:
+        try:
+            BlockMaskGenerator(grid, **tokens.block_mask)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"data.image_tokens.block_mask: {err}") from None
+    if not cmvm:
+        return
+    if tokens.get("block_mask") is None:
+        raise ConfigError("objective.cmvm.enabled=true needs data.image_tokens.block_mask (which patches to mask)")
+    vocab = tokens.get("vocab_size")
+    if not isinstance(vocab, int) or vocab < 2:
+        raise ConfigError(f"objective.cmvm.enabled=true needs data.image_tokens.vocab_size (the dVAE's codes), got {vocab!r}")
+    if not cfg.model.encoder.image_tower.get("mask_embedding"):
+        raise ConfigError("objective.cmvm.enabled=true needs model.encoder.image_tower.mask_embedding=true")
 
 
 def check_queue(queue_size: int, batch_size: int, world_size: int) -> None:

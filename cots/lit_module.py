@@ -1,4 +1,4 @@
-"""LightningModule: orders forward -> filter -> objective -> enqueue, steps the momentum, logs, evaluates."""
+"""LightningModule: runs the step (``cots.step``: forward -> filter -> objective -> enqueue), steps the momentum, logs, evaluates."""
 from __future__ import annotations
 
 from collections import Counter
@@ -15,6 +15,7 @@ from cots.models.cots_model import COTSModel
 from cots.momentum import momentum_at
 from cots.objective import COTSObjective
 from cots.optim import param_groups
+from cots.step import compute_step, enqueue_step
 
 
 class COTSLitModule(L.LightningModule):
@@ -60,15 +61,13 @@ class COTSLitModule(L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        features = self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        decision = self.objective.filter_pairs(features)  # None when AMF is off
-        terms = self.objective(self.model, features, weights=None if decision is None else decision.weights)
-        self.model.enqueue(features)  # filtered pairs too: they stay useful negatives
-        if decision is not None:
-            self.objective.amf.enqueue(decision.similarities)  # after this step's decision
-            self._log_amf(decision, batch)
+        step = compute_step(self.model, self.objective, batch)  # forward -> filter -> masked passes -> objective
+        enqueue_step(self.model, self.objective, step)
+        if step.decision is not None:
+            self._log_amf(step.decision, batch)
         self.skipped.update(batch.get("skipped", {}))
         batch_size = batch["images"].shape[0]
+        terms = step.terms
         for name, value in terms.items():
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=batch_size)
         self.log("train/temperature", self.model.temperature().detach(), batch_size=batch_size)

@@ -10,8 +10,11 @@ from torch import nn
 from cots import distributed
 from cots.amf import AdaptiveMomentumFilter, AMFDecision
 from cots.losses.instance import instance_contrastive_loss
+from cots.losses.mvlm import cmlm_loss, cmvm_loss
 from cots.losses.task import TASK_DIRECTIONS, task_kl_loss
-from cots.models.cots_model import COTSModel, PairFeatures
+from cots.masking import IGNORE_INDEX
+from cots.models.cots_model import COTSModel, MaskedPredictions, PairFeatures
+from cots.online_tokens import OnlineImageTokens
 
 
 @dataclass
@@ -39,6 +42,11 @@ class AMFSettings:
     queue_size: int = 4096
 
 
+def _global_mean(count: torch.Tensor) -> torch.Tensor:
+    """sum over ranks / world size of a local count (the count itself with one process)."""
+    return distributed.all_reduce_sum(count.float()) / distributed.world_size()
+
+
 def _settings(cls, value, default_enabled: bool):
     if isinstance(value, cls):
         return value
@@ -48,7 +56,7 @@ def _settings(cls, value, default_enabled: bool):
 
 
 class COTSObjective(nn.Module):
-    """L = w_inst * L_inst + w_task * L_task (+ the token and ViLEM terms as they are switched on).
+    """L = w_inst * L_inst + w_task * L_task + w_cmvm * L_cmvm + w_cmlm * L_cmlm (+ ViLEM when added).
 
     A module because the AMF's similarity queue is state that must live in checkpoints.
     Terms left out of the config are off (old run configs keep their meaning).
@@ -57,14 +65,24 @@ class COTSObjective(nn.Module):
         inst: switch and weight of the instance-level contrast.
         task: switch, weight, direction and temperature of the task-level KL.
         amf: switch, ``k`` and ``queue_size`` of the Adaptive Momentum Filter.
+        cmvm, cmlm: switch and weight of the masked vision / language modeling terms.
+        image_tokenizer: ``data.image_tokens``, for the online path (batches carrying ``images_dvae``):
+            see :class:`OnlineImageTokens`; the dVAE is built on first use, outside the state dict.
     """
 
     def __init__(self, inst: Mapping | LossTerm | None = None, task: Mapping | TaskTerm | None = None,
-                 amf: Mapping | AMFSettings | None = None) -> None:
+                 amf: Mapping | AMFSettings | None = None, cmvm: Mapping | LossTerm | None = None,
+                 cmlm: Mapping | LossTerm | None = None, image_tokenizer: Mapping | None = None) -> None:
         super().__init__()
         self.inst = _settings(LossTerm, inst, default_enabled=True)
         self.task = _settings(TaskTerm, task, default_enabled=False)
         self.amf_settings = _settings(AMFSettings, amf, default_enabled=False)
+        self.cmvm = _settings(LossTerm, cmvm, default_enabled=False)
+        self.cmlm = _settings(LossTerm, cmlm, default_enabled=False)
+        # A plain attribute, not a submodule: the frozen dVAE is no part of the trained state.
+        self.online_tokens: OnlineImageTokens | None = None
+        if self.cmvm.enabled and image_tokenizer is not None and image_tokenizer.get("source", "online") == "online":
+            self.online_tokens = OnlineImageTokens(**image_tokenizer)
         if not self.inst.enabled:
             raise ValueError("objective.inst.enabled=false leaves no retrieval objective; the queues need it")
         if self.task.direction not in TASK_DIRECTIONS:
@@ -81,11 +99,29 @@ class COTSObjective(nn.Module):
             return None
         return self.amf(features.image_keys, features.text_keys, features.positive_index)
 
-    def forward(self, model: COTSModel, features: PairFeatures, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    @property
+    def token_level(self) -> bool:
+        """Whether the step needs masked forward passes (CMVM or CMLM on)."""
+        return self.cmvm.enabled or self.cmlm.enabled
+
+    def image_targets(self, batch: Mapping) -> torch.Tensor:
+        """dVAE token ids (B, h, w) of the batch's crops: from the token cache, else tokenized here."""
+        if "image_tokens" in batch:
+            return batch["image_tokens"]
+        if "images_dvae" not in batch:
+            raise KeyError("objective.cmvm.enabled=true but the batch has no image tokens: set data.image_tokens")
+        if self.online_tokens is None:
+            raise ValueError("the batch carries dVAE views but data.image_tokens.source is not 'online'")
+        return self.online_tokens(batch["images_dvae"])  # B x h x w
+
+    def forward(self, model: COTSModel, features: PairFeatures, weights: torch.Tensor | None = None,
+                masked: MaskedPredictions | None = None, image_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss terms for one step; ``loss`` is the weighted total, the rest are for logging.
 
         Args:
             weights: (B,) per-pair positive weights (AMF), None = all ones.
+            masked: the masked passes' logits (``model.predict_masked``) when CMVM or CMLM is on.
+            image_tokens: (B, h, w) CMVM targets (``image_targets``).
         """
         image_keys, text_keys, key_mask = model.keys_with_queue(features)
         weight_sum = None
@@ -114,7 +150,36 @@ class COTSObjective(nn.Module):
             task = self._task_loss(features, queues, temperature, weights, weight_sum)
             terms["task"] = task
             terms["loss"] = terms["loss"] + self.task.weight * task
+        if self.token_level:
+            for name, (loss, accuracy) in self._token_losses(masked, image_tokens).items():
+                terms[name], terms[f"{name}_acc"] = loss, accuracy
+                terms["loss"] = terms["loss"] + getattr(self, name).weight * loss
         return terms
+
+    def _token_losses(self, masked: MaskedPredictions | None,
+                      image_tokens: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(loss, accuracy) of CMVM and CMLM, each normalised by the global mean count of predicted
+        positions, so that DDP's gradient mean equals the one-process mean over all of them.
+
+        Not weighted by the AMF: DESIGN §6 filters the positive terms of L_inst and L_task, while a
+        masked token stays a valid target whatever its caption.
+        """
+        if masked is None:
+            raise ValueError("objective.cmvm / objective.cmlm are on but no masked predictions were given")
+        out = {}
+        if self.cmvm.enabled:
+            patch_mask = masked.patch_mask  # B x P
+            if image_tokens is None or image_tokens[0].numel() != patch_mask.shape[1]:
+                got = None if image_tokens is None else tuple(image_tokens.shape[1:])
+                raise ValueError(f"CMVM targets of shape {got} for {patch_mask.shape[1]} patches: "
+                                 "check data.image_tokens.dvae_input_size against the ViT patch grid")
+            result = cmvm_loss(masked.cmvm_logits, image_tokens, patch_mask, _global_mean(patch_mask.sum()))
+            out["cmvm"] = (result["loss"], result["accuracy"])
+        if self.cmlm.enabled:
+            labels = masked.mlm_labels  # B x L
+            result = cmlm_loss(masked.cmlm_logits, labels, _global_mean((labels != IGNORE_INDEX).sum()))
+            out["cmlm"] = (result["loss"], result["accuracy"])
+        return out
 
     def _task_loss(self, features: PairFeatures, queues: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                    temperature: torch.Tensor, weights: torch.Tensor | None, weight_sum: torch.Tensor | None) -> torch.Tensor:

@@ -14,6 +14,9 @@ from cots.data.noise import write_noise_record
 from cots.data.sampler import ShardedEpochSampler
 from cots.data.synthetic import ensure_synthetic_dataset
 from cots.data.text_tokenizer import TextTokenizer, build_text_tokenizer
+from cots.data.token_cache import cache_paths
+from cots.data.token_datasets import MVLMCollate, build_token_pairs
+from cots.masking import TextMasker
 
 
 class ImageTextDataModule(L.LightningDataModule):
@@ -34,6 +37,12 @@ class ImageTextDataModule(L.LightningDataModule):
         noise_rate: fraction of training pairs whose caption is swapped for another image's
             (to measure the AMF); ``noise_seed`` chooses them. The noisy pairs are written to
             ``<trainer.default_root_dir>/noisy_pairs.json``.
+        image_tokens: dVAE targets of CMVM (DESIGN §4), null for none: ``source`` (``cache`` | ``online``),
+            ``dvae_input_size``, ``vocab_size``, ``weights``, ``cache`` / ``cache_crop`` (cache),
+            ``random_dvae`` (online without weights), ``block_mask`` (BEiT mask of the patches);
+            see :func:`cots.data.token_datasets.build_token_pairs`.
+        text_mask: BERT masking of the captions for CMLM (``mask_prob``, ``replace_prob``,
+            ``random_prob``), null for none.
     """
 
     def __init__(
@@ -53,6 +62,8 @@ class ImageTextDataModule(L.LightningDataModule):
         csv_columns: dict | None = None,
         noise_rate: float = 0.0,
         noise_seed: int = 0,
+        image_tokens: dict | None = None,
+        text_mask: dict | None = None,
     ) -> None:
         super().__init__()
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
@@ -67,6 +78,8 @@ class ImageTextDataModule(L.LightningDataModule):
         self.synthetic = dict(synthetic) if synthetic else None
         self.csv_columns = dict(csv_columns or {})
         self.noise_rate, self.noise_seed = noise_rate, noise_seed
+        self.image_tokens = dict(image_tokens) if image_tokens else None
+        self.text_mask = dict(text_mask) if text_mask else None
         self.text_tokenizer: TextTokenizer | None = None
         self._entries: dict[str, list[ManifestEntry]] = {}
         self.train_set: ImageTextPairs | None = None
@@ -103,9 +116,22 @@ class ImageTextDataModule(L.LightningDataModule):
 
     def _train_pairs(self) -> ImageTextPairs:
         if self.train_set is None:
-            transform = build_train_transform(self.image_size, **self.train_transform_args)
-            self.train_set = ImageTextPairs(self.entries("train"), transform, self.seed, self.noise_rate, self.noise_seed)
+            noise = {"noise_rate": self.noise_rate, "noise_seed": self.noise_seed}
+            if self.image_tokens:
+                self.train_set = build_token_pairs(self.entries("train"), self.image_size, self.seed, self.image_tokens,
+                                                   self.train_transform_args, self.manifests["train"], **noise)
+            else:
+                transform = build_train_transform(self.image_size, **self.train_transform_args)
+                self.train_set = ImageTextPairs(self.entries("train"), transform, self.seed, **noise)
         return self.train_set
+
+    def _train_collate(self) -> Collate:
+        """Plain collate, or with the MVLM fields (tokens, dVAE views, patch masks, masked captions)."""
+        tokenizer = self.build_text_tokenizer()
+        if not (self.image_tokens or self.text_mask):
+            return Collate(tokenizer)
+        masker = TextMasker.from_tokenizer(tokenizer, **self.text_mask) if self.text_mask else None
+        return MVLMCollate(tokenizer, masker)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
@@ -121,7 +147,7 @@ class ImageTextDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, dataset, batch_size: int, sampler=None, drop_last: bool = False) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, sampler=None, drop_last: bool = False, collate_fn=None) -> DataLoader:
         # Its own generator: creating an iterator must not consume the global RNG (exact resume).
         return DataLoader(
             dataset,
@@ -131,7 +157,7 @@ class ImageTextDataModule(L.LightningDataModule):
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=Collate(self.build_text_tokenizer()),
+            collate_fn=collate_fn or Collate(self.build_text_tokenizer()),
             pin_memory=False,
         )
 
@@ -143,7 +169,7 @@ class ImageTextDataModule(L.LightningDataModule):
             self.train_sampler.resume_from(self._resume_state["epoch"], self._resume_state["consumed"])
             self._resume_state = None
         # drop_last: every rank must gather equal batch sizes.
-        return self._loader(pairs, self.batch_size, self.train_sampler, drop_last=True)
+        return self._loader(pairs, self.batch_size, self.train_sampler, drop_last=True, collate_fn=self._train_collate())
 
     # -- data position in checkpoints ---------------------------------------------------------
     def state_dict(self) -> dict:
@@ -187,4 +213,14 @@ class ImageTextDataModule(L.LightningDataModule):
                 problems.append(f"data.{split}_manifest: file not found: {path}")
         if self.image_root and not Path(self.image_root).is_dir():
             problems.append(f"data.image_root: directory not found: {self.image_root}")
+        tokens = self.image_tokens or {}
+        weights = tokens.get("weights")
+        if weights and not Path(weights).is_file():
+            problems.append(f"data.image_tokens.weights: file not found: {weights} (official DALL-E weights: "
+                            f"`cots-tokenizer convert --pkl encoder.pkl --out {weights}`)")
+        if tokens.get("source") == "cache" and tokens.get("cache"):
+            if not all(path.is_file() for path in cache_paths(tokens["cache"])):
+                problems.append(f"data.image_tokens.cache: token cache not found or incomplete: {tokens['cache']} "
+                                f"(build it with `cots-tokenizer cache --manifest {self.manifests['train']} ... "
+                                f"--out {tokens['cache']}`)")
         return problems

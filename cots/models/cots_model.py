@@ -1,7 +1,7 @@
-"""The COTS network: online encoders, their momentum twins, the queues and the temperature.
+"""The COTS network: online encoders, their momentum twins, the queues, the temperature and the MVLM heads.
 
-It computes features and keys; losses live in ``cots.losses`` and the
-LightningModule orders forward -> filter -> objective -> enqueue.
+It computes features, keys and masked-token logits; losses live in ``cots.losses`` and
+``cots.step.compute_step`` orders forward -> filter -> masked passes -> objective -> enqueue.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from cots import distributed
+from cots.masking import IGNORE_INDEX
+from cots.models.mvlm_heads import CMLMHead, CMVMHead
 from cots.models.two_stream import TowerOutput, TwoStreamEncoder
 from cots.momentum import ema_update_, momentum_copy, parameter_pairs
 from cots.queues import PairedFeatureQueue
@@ -32,18 +34,41 @@ class PairFeatures:
     positive_index: torch.Tensor  # B, column of each local pair's own key among the G keys
 
 
+@dataclass
+class MaskedPredictions:
+    """Logits of the masked positions (DESIGN §4); a field is None when its term is off."""
+
+    cmvm_logits: torch.Tensor | None = None  # M_v x V_img, masked patches in row-major batch order
+    patch_mask: torch.Tensor | None = None  # B x P bool, True = patch replaced by [MASK]
+    cmlm_logits: torch.Tensor | None = None  # M_t x V_txt, masked tokens in row-major batch order
+    mlm_labels: torch.Tensor | None = None  # B x L, original id at masked tokens, -100 elsewhere
+
+
 class COTSModel(nn.Module):
-    """Online two-stream encoder + momentum copy + paired feature queues + learnable temperature.
+    """Online two-stream encoder + momentum copy + paired feature queues + learnable temperature + MVLM heads.
+
+    The heads sit outside ``encoder``, so the momentum copy has none; each exists only while its
+    term is on (DDP rejects parameters that get no gradient).
 
     Args:
         encoder: the online :class:`TwoStreamEncoder`.
         queue_size: K, past pairs kept in the image and text queues.
         temperature: initial tau (stored as log, clamped to [0.001, 0.5]).
         learn_temperature: whether tau is trained.
+        cmvm_head: build the CMVM head (needs ``image_vocab_size`` and the tower's ``mask_embedding``).
+        cmlm_head: build the CMLM head (its decoder is the text tower's word embedding matrix).
+        image_vocab_size: dVAE vocabulary scored by the CMVM head (8192 for DALL-E).
     """
 
     def __init__(
-        self, encoder: TwoStreamEncoder, queue_size: int = 65536, temperature: float = 0.07, learn_temperature: bool = True
+        self,
+        encoder: TwoStreamEncoder,
+        queue_size: int = 65536,
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+        cmvm_head: bool = False,
+        cmlm_head: bool = False,
+        image_vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -51,6 +76,17 @@ class COTSModel(nn.Module):
         self.feature_queue = PairedFeatureQueue(queue_size, encoder.embed_dim)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
         self._ema_pairs: tuple[list, list] | None = None
+        image_width, text_width = encoder.image_tower.width, encoder.text_tower.width
+        self.cmvm_head: CMVMHead | None = None
+        self.cmlm_head: CMLMHead | None = None
+        if cmvm_head:
+            if not image_vocab_size:
+                raise ValueError("the CMVM head needs the dVAE vocabulary: set data.image_tokens.vocab_size")
+            if encoder.image_tower.mask_embedding is None:
+                raise ValueError("the CMVM head needs model.encoder.image_tower.mask_embedding=true")
+            self.cmvm_head = CMVMHead(image_width, text_width, image_vocab_size)
+        if cmlm_head:
+            self.cmlm_head = CMLMHead(text_width, image_width, encoder.text_tower.word_embeddings)
 
     @property
     def queue_size(self) -> int:
@@ -88,6 +124,40 @@ class COTSModel(nn.Module):
         batch = images.shape[0]
         positive_index = distributed.rank() * batch + torch.arange(batch, device=images.device)
         return PairFeatures(image, text, image_m, text_m, image_keys, text_keys, positive_index)
+
+    def predict_masked(
+        self,
+        features: PairFeatures,
+        images: torch.Tensor | None = None,
+        patch_mask: torch.Tensor | None = None,
+        mlm_input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+    ) -> MaskedPredictions:
+        """Masked forward passes of the online towers and the heads' logits (DESIGN §4).
+
+        Each masked state is fused with the paired modality's global feature from the unmasked
+        pass of ``features`` (with gradient). Retrieval embeddings never pass through here.
+
+        Args:
+            features: this step's unmasked pass (``forward``).
+            images, patch_mask: (B, 3, H, W) and (B, P) bool for CMVM (both or neither).
+            mlm_input_ids, attention_mask, mlm_labels: (B, L) each for CMLM (all or none).
+        """
+        out = MaskedPredictions()
+        if patch_mask is not None:
+            if self.cmvm_head is None:
+                raise ValueError("a patch mask was given but the model has no CMVM head (model.cmvm_head=false)")
+            _, patches = self.encoder.image_tower(images, patch_mask)  # B x P x W_v
+            out.cmvm_logits = self.cmvm_head(patches, features.text.cls, patch_mask)  # M_v x V_img
+            out.patch_mask = patch_mask
+        if mlm_labels is not None:
+            if self.cmlm_head is None:
+                raise ValueError("MLM labels were given but the model has no CMLM head (model.cmlm_head=false)")
+            _, states = self.encoder.text_tower(mlm_input_ids, attention_mask)  # B x L x W_t
+            out.cmlm_logits = self.cmlm_head(states, features.image.cls, mlm_labels != IGNORE_INDEX)  # M_t x V_txt
+            out.mlm_labels = mlm_labels
+        return out
 
     def queue_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The queues Q^v, Q^t (K, D) and their validity mask (K,): False for slots not yet written."""
