@@ -74,7 +74,7 @@ class ImageTextPairs(Dataset):
                 with torch.random.fork_rng(devices=[]):
                     # The crop is a function of (seed, epoch, sample): identical under any
                     # number of workers or ranks, and after a resume.
-                    torch.manual_seed(hash((self.seed, epoch, pair_index)) & 0x7FFF_FFFF_FFFF_FFFF)
+                    torch.default_generator.manual_seed(hash((self.seed, epoch, pair_index)) & 0x7FFF_FFFF_FFFF_FFFF)
                     image = self.transform(load_rgb(self.entries[entry_index].image))
             except BadSample as bad:
                 skipped.append(bad.reason)

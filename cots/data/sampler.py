@@ -36,8 +36,13 @@ class ShardedEpochSampler(Sampler[tuple[int, int]]):
         self.epoch = epoch
 
     def resume_from(self, epoch: int, consumed: int) -> None:
-        """Skip the first ``consumed`` samples of this rank's share when ``epoch`` is iterated next."""
+        """Skip the first ``consumed`` samples of this rank's share when ``epoch`` is iterated next.
+
+        Sets the epoch too: Lightning creates the first iterator (and workers start pulling
+        indices) before it calls ``set_epoch``.
+        """
         self._resume = (epoch, consumed)
+        self.epoch = epoch
 
     def _skip(self) -> int:
         return self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
