@@ -35,3 +35,16 @@ def test_pretrained_directory_gives_bert_base_uncased_ids():
 def test_missing_pretrained_directory_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         build_text_tokenizer("/nonexistent/bert", None)
+
+
+def test_mean_pooling_ignores_padding():
+    import torch
+
+    from cots.models.text_tower import TextTower
+
+    tower = TextTower(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, dropout=0.0, pooling="mean").eval()
+    ids = torch.tensor([[2, 7, 8, 3, 0, 0], [2, 7, 8, 3, 9, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    pooled, hidden = tower(ids, mask)
+    torch.testing.assert_close(pooled[0], hidden[0, :4].mean(0))
+    torch.testing.assert_close(pooled[1], hidden[1].mean(0))

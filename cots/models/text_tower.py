@@ -19,6 +19,8 @@ class TextTower(nn.Module):
         grad_checkpointing: activation checkpointing of the layers.
         trainable_layers: None trains everything; k trains only the top k layers (embeddings and
             lower layers frozen, as in locked-text tuning of a pretrained tower); 0 freezes the tower.
+        pooling: the global feature h^t: ``cls`` (the [CLS] state, BERT) or ``mean`` (mean of the
+            real tokens' states: what sentence encoders such as MiniLM were trained to produce).
     """
 
     def __init__(
@@ -33,8 +35,12 @@ class TextTower(nn.Module):
         dropout: float = 0.1,
         grad_checkpointing: bool = False,
         trainable_layers: int | None = None,
+        pooling: str = "cls",
     ) -> None:
         super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"model.encoder.text_tower.pooling must be 'cls' or 'mean', got '{pooling}'")
+        self.pooling = pooling
         if pretrained:
             path = resolve_local_dir(pretrained)
             self.bert = BertModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="sdpa")
@@ -79,7 +85,10 @@ class TextTower(nn.Module):
         Args:
             input_ids: (B, L) long; attention_mask: (B, L), 1 for real tokens.
         Returns:
-            cls: (B, W); tokens: (B, L, W) last hidden states.
+            global feature: (B, W) ([CLS] state or masked mean, see ``pooling``); tokens: (B, L, W).
         """
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # B x L x W
-        return hidden[:, 0], hidden
+        if self.pooling == "cls":
+            return hidden[:, 0], hidden
+        weights = attention_mask.to(hidden.dtype)[..., None]  # B x L x 1
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0), hidden
