@@ -11,6 +11,7 @@ from cots import distributed
 from cots.amf import AMFDecision, noise_confusion, precision_recall
 from cots.checkpoints import capture_rng_state, restore_rng_state
 from cots.eval.retrieval import retrieval_metrics
+from cots.guards import NonFiniteGuard, all_ranks_finite, assert_finite_parameters, check_skip_fraction
 from cots.models.cots_model import COTSModel
 from cots.momentum import momentum_at
 from cots.objective import COTSObjective
@@ -29,6 +30,9 @@ class COTSLitModule(L.LightningModule):
         momentum: base EMA coefficient m; ``momentum_schedule`` 'constant' or 'cosine' (to 1).
         eval_chunk_size: rows scored at once in retrieval (bounds memory).
         run_config: the resolved run config, stored in checkpoints so that ``cots-eval`` can rebuild the model.
+        skip_nonfinite: skip (no update, no enqueue) a step whose loss is NaN/Inf on any rank; costs one
+            host sync per step. ``max_nonfinite_steps`` in a row stop the run.
+        max_skip_fraction: stop when more than this fraction of training samples is unusable (None: never).
     """
 
     def __init__(
@@ -41,6 +45,9 @@ class COTSLitModule(L.LightningModule):
         momentum_schedule: str = "constant",
         eval_chunk_size: int | None = None,
         run_config: dict | None = None,
+        skip_nonfinite: bool = True,
+        max_nonfinite_steps: int = 10,
+        max_skip_fraction: float | None = 0.1,
     ) -> None:
         super().__init__()
         self.model = model
@@ -53,6 +60,9 @@ class COTSLitModule(L.LightningModule):
         self.run_config = run_config
         self.text_tokenizer_json: str | None = None  # set by train(); saved with checkpoints
         self.skipped: Counter[str] = Counter()
+        self.samples_seen = 0
+        self.max_skip_fraction = max_skip_fraction
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps) if skip_nonfinite else None
         self._gallery: dict[str, list] = {}
         self.last_retrieval: dict[str, float] = {}
         # [filtered & noisy, filtered & clean, kept & noisy, kept & clean] once AMF is active, over injected noise
@@ -60,12 +70,18 @@ class COTSLitModule(L.LightningModule):
         self.register_buffer("amf_noise_counts", torch.zeros(4), persistent=False)
 
     # -- training ----------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         step = compute_step(self.model, self.objective, batch)  # forward -> filter -> masked passes -> objective
+        self._check_data(batch)
+        if self.nonfinite is not None:
+            finite = all_ranks_finite(step.terms["loss"])
+            self.nonfinite.record(finite, step.terms, self.global_step)
+            self.log("train/nonfinite_skipped", float(self.nonfinite.skipped), batch_size=batch["images"].shape[0])
+            if not finite:  # no backward, no optimizer step, nothing enqueued: the queues stay clean
+                return None
         enqueue_step(self.model, self.objective, step)
         if step.decision is not None:
             self._log_amf(step.decision, batch)
-        self.skipped.update(batch.get("skipped", {}))
         batch_size = batch["images"].shape[0]
         terms = step.terms
         for name, value in terms.items():
@@ -75,6 +91,13 @@ class COTSLitModule(L.LightningModule):
         for reason, count in self.skipped.items():
             self.log(f"data/skipped_{reason}", float(count), batch_size=batch_size)
         return terms["loss"]
+
+    def _check_data(self, batch: dict) -> None:
+        """Count unusable samples (host-side counters from the collate); stop past the allowed fraction."""
+        self.skipped.update(batch.get("skipped", {}))
+        self.samples_seen += batch["images"].shape[0]
+        if self.max_skip_fraction is not None:
+            check_skip_fraction(self.skipped, self.samples_seen, self.max_skip_fraction)
 
     def _log_amf(self, decision: AMFDecision, batch: dict) -> None:
         """Filter statistics; with injected noise, cumulative precision/recall of the filtered pairs."""
@@ -137,10 +160,12 @@ class COTSLitModule(L.LightningModule):
 
     # -- checkpoints: plain data only, no pickled modules -------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        assert_finite_parameters(self)
         checkpoint["cots"] = {
             "config": self.run_config,
             "text_tokenizer": self.text_tokenizer_json,
             "skipped": dict(self.skipped),
+            "samples_seen": self.samples_seen,
             "rng": capture_rng_state(),
             "amf_noise_counts": self.amf_noise_counts.tolist(),
         }
@@ -148,6 +173,7 @@ class COTSLitModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("cots", {})
         self.skipped = Counter(state.get("skipped", {}))
+        self.samples_seen = state.get("samples_seen", 0)
         if "amf_noise_counts" in state:
             self.amf_noise_counts.copy_(torch.tensor(state["amf_noise_counts"]))
         if state.get("rng"):

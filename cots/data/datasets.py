@@ -14,6 +14,7 @@ from cots.data.text_tokenizer import TextTokenizer
 
 # How many following samples a training item may try before the batch is declared unusable.
 MAX_SUBSTITUTIONS = 16
+SUBSTITUTE_STRIDE = 7919  # a prime: substitutes of one index are distinct unless the set is a multiple of it
 
 
 def clean_caption(caption: str) -> str:
@@ -68,7 +69,8 @@ class ImageTextPairs(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         skipped = []
         for attempt in range(MAX_SUBSTITUTIONS):
-            pair_index = (index + attempt) % len(self.pairs)
+            # Substitutes are spread out (not index+1, +2...): bad files often come in runs.
+            pair_index = (index + attempt * SUBSTITUTE_STRIDE) % len(self.pairs)
             entry_index, caption = self.pairs[pair_index]
             try:
                 with torch.random.fork_rng(devices=[]):

@@ -55,8 +55,9 @@ def load_manifest(
 
 def _read_json(path: Path) -> list[tuple[str, list[str]]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        # Bytes that are not UTF-8 (a mis-encoded caption) become U+FFFD instead of failing the file.
+        data = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as err:
         raise ManifestError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(data, list):
         raise ManifestError(f"{path}: expected a JSON list of {{'image', 'caption'}} objects")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cots.data.crops import DEFAULT_RATIO, center_box, crop_view, image_to_uint8, normalize_imagenet, random_resized_box
-from cots.data.datasets import MAX_SUBSTITUTIONS, Collate, ImageTextPairs
+from cots.data.datasets import MAX_SUBSTITUTIONS, SUBSTITUTE_STRIDE, Collate, ImageTextPairs
 from cots.data.images import BadSample, load_rgb
 from cots.data.manifest import ManifestEntry
 from cots.data.text_tokenizer import TextTokenizer
@@ -125,7 +125,7 @@ class ImageTextTokenPairs(ImageTextPairs):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         skipped = []
         for attempt in range(MAX_SUBSTITUTIONS):
-            pair_index = (index + attempt) % len(self.pairs)
+            pair_index = (index + attempt * SUBSTITUTE_STRIDE) % len(self.pairs)
             entry_index, caption = self.pairs[pair_index]
             if self.token_cache is not None and entry_index in self.token_cache.unreadable:
                 skipped.append("undecodable")

@@ -1,0 +1,123 @@
+"""Fuzz: a manifest full of broken images and captions trains through; too many stops with a clear message."""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cots.guards import RunGuardError
+from cots.train import train
+
+
+def _png_declaring(path: Path, width: int, height: int) -> None:
+    """A valid small PNG whose IHDR claims width x height (a decompression bomb by declaration)."""
+    Image.new("RGB", (8, 8), "red").save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = bytearray(data[12:29])  # type + 13 bytes of header
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+
+
+def build_fuzz_set(root: Path, good: int = 48) -> tuple[Path, dict[str, int]]:
+    """Good images plus one of every kind of bad input; returns the manifest and the expected skip reasons."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(good):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / f"good{i}.png")
+        entries.append({"image": f"good{i}.png", "caption": f"a picture number {i % 7}"})
+    # usable but unusual formats: CMYK, palette, 16-bit, grey, grey+alpha, RGBA
+    Image.new("CMYK", (30, 20), (0, 100, 200, 0)).save(root / "cmyk.jpg")
+    Image.new("P", (20, 20), 3).save(root / "palette.png")
+    Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)).save(root / "sixteen.png")
+    Image.new("L", (20, 20), 128).save(root / "grey.png")
+    Image.new("LA", (20, 20), (128, 10)).save(root / "grey_alpha.png")
+    Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(root / "rgba.png")
+    for name in ("cmyk.jpg", "palette.png", "sixteen.png", "grey.png", "grey_alpha.png", "rgba.png"):
+        entries.append({"image": name, "caption": f"an unusual {name}"})
+    # unusable images
+    Image.new("RGB", (64, 64), "blue").save(root / "whole.jpg")
+    (root / "truncated.jpg").write_bytes((root / "whole.jpg").read_bytes()[:200])
+    Image.new("RGB", (64, 64), "blue").save(root / "whole.png")
+    (root / "truncated.png").write_bytes((root / "whole.png").read_bytes()[:60])
+    (root / "empty.png").write_bytes(b"")
+    _png_declaring(root / "bomb.png", 20000, 20000)
+    bad = {"truncated.jpg": "undecodable", "truncated.png": "undecodable", "empty.png": "undecodable",
+           "missing.png": "missing_file", "bomb.png": "too_large"}
+    for name in bad:
+        entries.append({"image": name, "caption": f"broken {name}"})
+    # unusable captions (on good images)
+    entries += [{"image": "good0.png", "caption": ""}, {"image": "good1.png", "caption": "   \t "},
+                {"image": "good2.png", "caption": " ".join(["word"] * 10_000)},
+                {"image": "good3.png", "caption": "MARKER"}]
+    raw = json.dumps(entries).encode().replace(b"MARKER", b"caf\xe9 \xff\xfe latin-1")  # not UTF-8
+    (root / "train.json").write_bytes(raw)
+    expected = {}
+    for reason in bad.values():
+        expected[reason] = expected.get(reason, 0) + 1
+    return root / "train.json", expected
+
+
+def _cfg(make_cfg, manifest: Path, *overrides: str):
+    return make_cfg("data.synthetic=null", f"data.train_manifest={manifest}", f"data.val_manifest={manifest}",
+                    "data.test_manifest=null", "data.batch_size=8", "trainer.limit_val_batches=0",
+                    "trainer.check_val_every_n_epoch=null", *overrides)
+
+
+def test_training_runs_through_bad_inputs_and_counts_them_per_reason(make_cfg, tmp_path):
+    manifest, expected = build_fuzz_set(tmp_path / "fuzz")
+    # about 8% of the pairs are unusable: allowed up to 30% here
+    _, objects = train(_cfg(make_cfg, manifest, "trainer.max_steps=14", "trainer.max_epochs=-1", "module.max_skip_fraction=0.3"))
+    module = objects["module"]
+    assert objects["trainer"].global_step == 14
+    assert set(module.skipped) == set(expected)  # every unusable kind was met and named
+    pairs = objects["datamodule"].train_set
+    assert pairs.dropped["empty_caption"] == 2  # "" and whitespace only
+    assert any("\ufffd" in caption for caption in pairs.captions())  # the non-UTF-8 caption is kept, repaired
+    logged = objects["trainer"].callback_metrics
+    assert any(key.startswith("data/skipped_") for key in logged)
+
+
+def test_too_many_unusable_samples_stop_the_run_naming_the_limit(make_cfg, tmp_path):
+    manifest, _ = build_fuzz_set(tmp_path / "fuzz", good=8)
+    with pytest.raises(RunGuardError, match="max_skip_fraction"):
+        train(_cfg(make_cfg, manifest, "trainer.max_steps=40", "trainer.max_epochs=-1", "module.max_skip_fraction=0.05"))
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(make_cfg, monkeypatch):
+    import torch
+
+    import cots.lit_module as lit
+
+    original = lit.compute_step
+    calls = {"n": 0}
+
+    def poisoned(model, objective, batch):
+        step = original(model, objective, batch)
+        calls["n"] += 1
+        if calls["n"] in (2, 3) or calls["n"] >= 6:
+            step.terms["loss"] = step.terms["loss"] * float("nan")
+        return step
+
+    monkeypatch.setattr(lit, "compute_step", poisoned)
+    with pytest.raises(RunGuardError, match="consecutive non-finite"):
+        train(make_cfg("trainer.max_steps=30", "module.max_nonfinite_steps=4", "~callbacks.model_checkpoint"))
+    assert calls["n"] == 9  # 2 skipped, 2 good, then 4 in a row stop it
+
+
+def test_a_checkpoint_of_non_finite_weights_is_refused(make_cfg, tmp_path):
+    import torch
+
+    _, objects = train(make_cfg("trainer.max_steps=2"))
+    with torch.no_grad():
+        next(objects["module"].model.encoder.parameters()).fill_(float("nan"))
+    with pytest.raises(RunGuardError, match="non-finite weights"):
+        objects["trainer"].save_checkpoint(tmp_path / "bad.ckpt")
+    assert not (tmp_path / "bad.ckpt").exists()
