@@ -12,6 +12,7 @@ from cots.data.images import build_eval_transform, build_train_transform
 from cots.data.manifest import ManifestEntry, load_manifest
 from cots.data.noise import write_noise_record
 from cots.data.sampler import ShardedEpochSampler
+from cots.data.shards import ShardError, ShardLoader, ShardPairs, load_shard_index, shard_captions
 from cots.data.synthetic import ensure_synthetic_dataset
 from cots.data.text_tokenizer import TextTokenizer, build_text_tokenizer
 from cots.data.token_cache import cache_paths
@@ -64,6 +65,10 @@ class ImageTextDataModule(L.LightningDataModule):
         noise_seed: int = 0,
         image_tokens: dict | None = None,
         text_mask: dict | None = None,
+        train_shards: str | None = None,
+        shards_resampled: bool = False,
+        samples_per_epoch: int | None = None,
+        shuffle_buffer: int = 1000,
     ) -> None:
         super().__init__()
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
@@ -84,6 +89,9 @@ class ImageTextDataModule(L.LightningDataModule):
         self._entries: dict[str, list[ManifestEntry]] = {}
         self.train_set: ImageTextPairs | None = None
         self.train_sampler: ShardedEpochSampler | None = None
+        self.train_shards = train_shards
+        self.shard_args = {"resampled": shards_resampled, "samples_per_epoch": samples_per_epoch, "shuffle_buffer": shuffle_buffer}
+        self.train_stream: ShardPairs | None = None
         self._resume_state: dict | None = None
 
     # -- preparation (idempotent; safe to call from every rank) --------------------------
@@ -108,7 +116,9 @@ class ImageTextDataModule(L.LightningDataModule):
             if serialized:
                 self.text_tokenizer = TextTokenizer.from_str(serialized, max_length)
             else:
-                captions = None if self.text_tokenizer_args["pretrained"] else self._train_pairs().captions()
+                captions = None
+                if not self.text_tokenizer_args["pretrained"]:  # the same captions in the same order on both paths
+                    captions = shard_captions(self.train_shards) if self.train_shards else self._train_pairs().captions()
                 self.text_tokenizer = build_text_tokenizer(
                     self.text_tokenizer_args["pretrained"], captions, self.text_tokenizer_args["vocab_size"], max_length
                 )
@@ -162,6 +172,8 @@ class ImageTextDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.train_shards:
+            return self._shard_loader()
         pairs = self._train_pairs()
         rank, world = self._rank_world()
         self.train_sampler = ShardedEpochSampler(len(pairs), rank, world, shuffle=True, seed=self.seed, batch_size=self.batch_size)
@@ -171,22 +183,40 @@ class ImageTextDataModule(L.LightningDataModule):
         # drop_last: every rank must gather equal batch sizes.
         return self._loader(pairs, self.batch_size, self.train_sampler, drop_last=True, collate_fn=self._train_collate())
 
+    def _shard_loader(self) -> ShardLoader:
+        """Streaming tar shards: every rank gets the same number of whole batches per epoch."""
+        rank, world = self._rank_world()
+        transform = build_train_transform(self.image_size, **self.train_transform_args)
+        self.train_stream = ShardPairs(self.train_shards, transform, rank, world, self.seed, self.batch_size, **self.shard_args)
+        if self._resume_state:
+            self.train_stream.resume_from(self._resume_state["epoch"], self._resume_state["consumed"])
+            self._resume_state = None
+        trainer = self.trainer
+        return ShardLoader(
+            self.train_stream, batch_size=self.batch_size, drop_last=True, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, collate_fn=self._train_collate(),
+            generator=torch.Generator().manual_seed(self.seed),
+            epoch=lambda: trainer.fit_loop.epoch_progress.current.processed,  # what Lightning gives samplers
+        )
+
     # -- data position in checkpoints ---------------------------------------------------------
     def state_dict(self) -> dict:
         """Epoch and samples of this epoch already trained on (per rank), saved by Lightning."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None or self.train_sampler is None:
+        position = self.train_stream or self.train_sampler
+        if trainer is None or position is None:
             return {}
         # Batches whose training step ran in the epoch being consumed (exact, unlike counting
         # what the sampler handed out, which includes prefetched batches).
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self.train_sampler.epoch, "consumed": batches * self.batch_size}
+        return {"epoch": position.epoch, "consumed": batches * self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
             return
-        if self.train_sampler is not None:  # the loader already exists: tell its sampler
-            self.train_sampler.resume_from(state["epoch"], state["consumed"])
+        position = self.train_stream or self.train_sampler
+        if position is not None:  # the loader already exists: tell it
+            position.resume_from(state["epoch"], state["consumed"])
         else:
             self._resume_state = dict(state)
 
@@ -209,10 +239,23 @@ class ImageTextDataModule(L.LightningDataModule):
         """Config keys whose manifest or image root does not exist (checked before training)."""
         problems = []
         for split, path in self.manifests.items():
+            if split == "train" and self.train_shards:
+                continue
             if path and not Path(path).is_file():
                 problems.append(f"data.{split}_manifest: file not found: {path}")
         if self.image_root and not Path(self.image_root).is_dir():
             problems.append(f"data.image_root: directory not found: {self.image_root}")
+        if self.train_shards:
+            try:
+                load_shard_index(self.train_shards)
+            except ShardError as err:
+                problems.append(f"data.train_shards: {err}")
+            if self.noise_rate > 0:
+                problems.append("data.noise_rate: not supported with data.train_shards")
+            if self.image_tokens:
+                problems.append("data.image_tokens: not supported with data.train_shards yet")
+        if self.shard_args["samples_per_epoch"] and not self.shard_args["resampled"]:
+            problems.append("data.samples_per_epoch: only with data.shards_resampled=true")
         tokens = self.image_tokens or {}
         weights = tokens.get("weights")
         if weights and not Path(weights).is_file():
