@@ -23,11 +23,14 @@ from omegaconf import DictConfig, open_dict
 
 from cots.train import CONF_DIR, train
 
+MVLM = ["data=emoji_tokens", "objective.cmvm.enabled=true", "objective.cmlm.enabled=true"]
 SETTINGS: list[tuple[str, list[str]]] = [
     ("contrastive only", ["objective=contrastive_only"]),
+    ("+ MVLM", ["objective=contrastive_only", *MVLM]),
     ("+ task KL", ["objective=contrastive_only", "objective.task.enabled=true"]),
     ("+ AMF", ["objective=contrastive_only", "objective.amf.enabled=true"]),
-    ("all", ["objective=default"]),
+    ("task KL + AMF", ["objective=default"]),
+    ("all", ["objective=default", *MVLM]),
 ]
 RETRIEVAL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
