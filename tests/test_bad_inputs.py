@@ -92,8 +92,6 @@ def test_too_many_unusable_samples_stop_the_run_naming_the_limit(make_cfg, tmp_p
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(make_cfg, monkeypatch):
-    import torch
-
     import cots.lit_module as lit
 
     original = lit.compute_step

@@ -27,7 +27,7 @@ def test_torchrun_two_nodes_on_loopback(tmp_path, data_dir):
         *TINY, "trainer=ddp_cpu", "trainer.num_nodes=2", "trainer.max_steps=3", "model.queue_size=256", "trainer.limit_val_batches=0",
         "trainer.check_val_every_n_epoch=null", "~callbacks.model_checkpoint",
         f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
-        f"+callbacks.record._target_=test_ddp.RecordRun", f"+callbacks.record.out_dir={tmp_path / 'record'}",
+        "+callbacks.record._target_=test_ddp.RecordRun", f"+callbacks.record.out_dir={tmp_path / 'record'}",
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}

@@ -65,24 +65,33 @@ class ImageTextPairs(Dataset):
         return [caption for _, caption in self.pairs]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        """``key`` is an index, or ``(index, epoch)`` from :class:`ShardedEpochSampler`."""
+        """``key`` is an index, or ``(index, epoch)`` from :class:`ShardedEpochSampler`.
+
+        An unusable pair is replaced by another (the reasons travel in ``skipped``), so that every
+        rank keeps the same batch size.
+        """
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         skipped = []
         for attempt in range(MAX_SUBSTITUTIONS):
             # Substitutes are spread out (not index+1, +2...): bad files often come in runs.
             pair_index = (index + attempt * SUBSTITUTE_STRIDE) % len(self.pairs)
-            entry_index, caption = self.pairs[pair_index]
             try:
-                with torch.random.fork_rng(devices=[]):
-                    # The crop is a function of (seed, epoch, sample): identical under any
-                    # number of workers or ranks, and after a resume.
-                    torch.default_generator.manual_seed(hash((self.seed, epoch, pair_index)) & 0x7FFF_FFFF_FFFF_FFFF)
-                    image = self.transform(load_rgb(self.entries[entry_index].image))
+                item = self.load_pair(pair_index, epoch)
             except BadSample as bad:
                 skipped.append(bad.reason)
                 continue
-            return {"image": image, "caption": caption, "index": pair_index, "noisy": bool(self.noisy[pair_index]), "skipped": skipped}
+            item.update(caption=self.pairs[pair_index][1], index=pair_index, skipped=skipped,
+                        noisy=bool(self.noisy[pair_index]))
+            return item
         raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive unusable samples from index {index}: {Counter(skipped)}")
+
+    def load_pair(self, pair_index: int, epoch: int) -> dict:
+        """The image views of one pair (raises :class:`BadSample`); subclasses add token-level fields."""
+        with torch.random.fork_rng(devices=[]):
+            # The crop is a function of (seed, epoch, sample): identical under any
+            # number of workers or ranks, and after a resume.
+            torch.default_generator.manual_seed(hash((self.seed, epoch, pair_index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            return {"image": self.transform(load_rgb(self.entries[self.pairs[pair_index][0]].image))}
 
 
 class GalleryImages(Dataset):

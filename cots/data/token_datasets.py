@@ -13,13 +13,12 @@ under any number of workers or ranks, and after a resume.
 """
 from __future__ import annotations
 
-from collections import Counter
 
 import numpy as np
 import torch
 
 from cots.data.crops import DEFAULT_RATIO, center_box, crop_view, image_to_uint8, normalize_imagenet, random_resized_box
-from cots.data.datasets import MAX_SUBSTITUTIONS, SUBSTITUTE_STRIDE, Collate, ImageTextPairs
+from cots.data.datasets import Collate, ImageTextPairs
 from cots.data.images import BadSample, load_rgb
 from cots.data.manifest import ManifestEntry
 from cots.data.text_tokenizer import TextTokenizer
@@ -120,33 +119,19 @@ class ImageTextTokenPairs(ImageTextPairs):
             "image_dvae": crop_view(image, box, self.dvae_input_size, flip),
         }
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        """``key`` is an index, or ``(index, epoch)`` from :class:`ShardedEpochSampler`."""
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        skipped = []
-        for attempt in range(MAX_SUBSTITUTIONS):
-            pair_index = (index + attempt * SUBSTITUTE_STRIDE) % len(self.pairs)
-            entry_index, caption = self.pairs[pair_index]
-            if self.token_cache is not None and entry_index in self.token_cache.unreadable:
-                skipped.append("undecodable")
-                continue
-            # Independent streams for the crop and the mask: changing one setting leaves the other as it was.
-            crop_rng, mask_rng = (sample_rng(self.seed, epoch, pair_index, stream) for stream in (0, 1))
-            try:
-                item = self._views(entry_index, crop_rng)
-            except BadSample as bad:
-                skipped.append(bad.reason)
-                continue
-            if self.mask_generator is not None:
-                item["patch_mask"] = torch.from_numpy(self.mask_generator(mask_rng).reshape(-1))  # P
-            # Seeds the collate's text masking: a function of the samples, not of the worker.
-            item["mask_seed"] = int(sample_rng(self.seed, epoch, pair_index, 2).integers(2**62))
-            item.update(caption=caption, index=pair_index, skipped=skipped)
-            noisy = getattr(self, "noisy", None)  # caption-noise flags of ImageTextPairs, when it has them
-            if noisy is not None:
-                item["noisy"] = bool(noisy[pair_index])
-            return item
-        raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive unusable samples from index {index}: {Counter(skipped)}")
+    def load_pair(self, pair_index: int, epoch: int) -> dict:
+        """The ViT crop, its dVAE view or cached tokens, the patch mask and the text-mask seed."""
+        entry_index = self.pairs[pair_index][0]
+        if self.token_cache is not None and entry_index in self.token_cache.unreadable:
+            raise BadSample("undecodable", f"image {entry_index} was unreadable when the token cache was built")
+        # Independent streams for the crop and the mask: changing one setting leaves the other as it was.
+        crop_rng, mask_rng = (sample_rng(self.seed, epoch, pair_index, stream) for stream in (0, 1))
+        item = self._views(entry_index, crop_rng)
+        if self.mask_generator is not None:
+            item["patch_mask"] = torch.from_numpy(self.mask_generator(mask_rng).reshape(-1))  # P
+        # Seeds the collate's text masking: a function of the samples, not of the worker.
+        item["mask_seed"] = int(sample_rng(self.seed, epoch, pair_index, 2).integers(2**62))
+        return item
 
 
 class MVLMCollate(Collate):
