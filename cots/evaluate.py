@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cots.checkpoints import read_checkpoint
+from cots.report import write_report
 from cots.train import CONF_DIR, build_module, report_retrieval
 
 
@@ -25,7 +26,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     split = cfg.split if datamodule.manifests.get(cfg.split) else "val"
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False)
     trainer.test(module, dataloaders=datamodule.gallery_loaders(split), verbose=False)
-    report_retrieval(module.last_retrieval, datamodule, split, Path(cfg.paths.output_dir))
+    output_dir = Path(cfg.paths.output_dir)
+    report_retrieval(module.last_retrieval, datamodule, split, output_dir)
+    if cfg.get("report"):  # the training curves come from the checkpoint's own run folder
+        metrics_csv = Path(cfg.ckpt_path).resolve().parent.parent / "csv" / "metrics.csv"
+        png = write_report(module.model.encoder, datamodule.gallery_loaders(split),
+                           datamodule.gallery_captions(split).captions, metrics_csv, output_dir / "report.png",
+                           title=f"{run_cfg.task_name}: {split}")
+        print(f"wrote {png}")
     return module.last_retrieval
 
 
