@@ -102,8 +102,9 @@ def test_checkpoint_holds_no_pickled_objects_and_cots_eval_reads_it(make_cfg, tm
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)  # fails on pickled objects
     assert "hyper_parameters" not in checkpoint
     assert any(k.startswith("model.feature_queue.") for k in checkpoint["state_dict"])
-    eval_cfg = make_cfg(f"ckpt_path={ckpt}", "split=test", "accelerator=cpu", config_name="eval")
+    eval_cfg = make_cfg(f"ckpt_path={ckpt}", "split=test", "accelerator=cpu", "report=true", config_name="eval")
     table = evaluate(eval_cfg)
+    assert (tmp_path / "run" / "report.png").stat().st_size > 10_000
     written = json.loads((tmp_path / "run" / "retrieval.json").read_text())
     assert written == pytest.approx(table)
     # the same weights score the same gallery the same way as the trainer's own test loop
