@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export TOKENIZERS_PARALLELISM ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install test test-fast train smoke clean
+.PHONY: help install test test-fast train train-mvlm smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -28,6 +28,21 @@ test-fast: install  ## the suite without the slow-marked runs
 train: install  ## the main job: build the emoji set (cached), pretrain, evaluate on held-out concepts, report
 	$(BIN)/cots-data emoji --out data/emoji
 	$(BIN)/cots-train experiment=emoji_demo
+
+EMOJI_DVAE := tokenizers/artifacts/emoji_dvae.safetensors
+EMOJI_TOKENS := data/emoji/train_tokens.npy
+
+$(EMOJI_DVAE):
+	$(BIN)/cots-data emoji --out data/emoji
+	$(BIN)/cots-tokenizer train --manifest data/emoji/train.json --out $@ --vocab-size 512 --n-hid 32 \
+		--n-blk-per-group 1 --input-size 64 --steps 900 --batch-size 16 --max-minutes 5
+
+$(EMOJI_TOKENS): $(EMOJI_DVAE)
+	$(BIN)/cots-tokenizer cache --manifest data/emoji/train.json --weights $(EMOJI_DVAE) --image-size 64 \
+		--patch-size 8 --out $@
+
+train-mvlm: install $(EMOJI_TOKENS)  ## the emoji demo with CMVM + CMLM: trains the emoji dVAE and its token cache when missing
+	$(BIN)/cots-train experiment=emoji_demo data=emoji_tokens data.image_tokens.source=cache objective=mvlm
 
 smoke: install  ## tiny towers on synthetic shapes, under a minute
 	$(BIN)/cots-train experiment=smoke
