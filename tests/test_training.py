@@ -20,6 +20,8 @@ def test_smoke_trains_end_to_end_and_writes_retrieval_json(make_cfg, tmp_path):
     assert set(table) == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "r_mean", "rsum"}
     model = objects["module"].model
     assert int(model.feature_queue.image.filled) == 4 * 16  # 4 steps x batch 16 enqueued
+    # no validation ran before max_steps, yet last.ckpt holds the final step
+    assert torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
 
 
 def test_short_overfit_run_lifts_retrieval_well_above_chance(make_cfg):
