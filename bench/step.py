@@ -137,8 +137,9 @@ def make_optimizer(cfg, module: nn.Module) -> torch.optim.Optimizer:
 
 
 def mvlm_fields(cfg, model, objective, batch: Batch) -> dict:
-    """What the data module adds for CMVM / CMLM: cached-style random dVAE tokens (no dVAE in the
-    step), BEiT block masks and BERT-masked captions; empty when both terms are off."""
+    """What the data module adds for CMVM / CMLM: random dVAE tokens (as from the token cache) or,
+    with ``data.image_tokens.source=online``, random dVAE-resolution crops that the step tokenises;
+    BEiT block masks and BERT-masked captions; empty when both terms are off."""
     from cots.masking import BlockMaskGenerator, TextMasker, block_masks, sample_rng
 
     fields, (size, device) = {}, (batch.images.shape[0], batch.images.device)
@@ -146,7 +147,11 @@ def mvlm_fields(cfg, model, objective, batch: Batch) -> dict:
     if objective.cmvm.enabled:
         grid = model.encoder.image_tower.grid_size
         vocab = int(cfg.data.image_tokens.vocab_size)
-        fields["image_tokens"] = torch.randint(vocab, (size, *grid), generator=gen).to(device)  # B x h x w
+        if cfg.data.image_tokens.get("source") == "online":  # the dVAE runs inside the step
+            side = int(cfg.data.image_tokens.dvae_input_size)
+            fields["images_dvae"] = torch.rand(size, 3, side, side, generator=gen).to(device)  # B x 3 x s x s in [0, 1]
+        else:
+            fields["image_tokens"] = torch.randint(vocab, (size, *grid), generator=gen).to(device)  # B x h x w
         masks = BlockMaskGenerator(grid, **cfg.data.image_tokens.block_mask)
         fields["patch_mask"] = block_masks(masks, size, sample_rng(0)).to(device)  # B x P
     if objective.cmlm.enabled:
