@@ -76,6 +76,8 @@ def test_training_runs_through_bad_inputs_and_counts_them_per_reason(make_cfg, t
     # about 8% of the pairs are unusable: allowed up to 30% here
     _, objects = train(_cfg(make_cfg, manifest, "trainer.max_steps=14", "trainer.max_epochs=-1", "module.max_skip_fraction=0.3"))
     module = objects["module"]
+    print(f"fuzz run: {module.samples_seen} samples trained on, skipped {dict(module.skipped)}, "
+          f"dropped {dict(objects['datamodule'].train_set.dropped)}")
     assert objects["trainer"].global_step == 14
     assert set(module.skipped) == set(expected)  # every unusable kind was met and named
     pairs = objects["datamodule"].train_set

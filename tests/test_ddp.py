@@ -49,6 +49,8 @@ def test_ddp_spawn_matches_one_process_and_ranks_hold_identical_queues(make_cfg,
     # the mean of the two ranks' local losses is the single-process loss of the same global batch
     ddp_losses = [(a + b) / 2 for a, b in zip(rank0["losses"], rank1["losses"])]
     assert len(ddp_losses) == len(single["losses"]) == 10
-    assert max(abs(a - b) for a, b in zip(ddp_losses, single["losses"])) < 1e-5
+    loss_gap = max(abs(a - b) for a, b in zip(ddp_losses, single["losses"]))
     worst = max((rank0["state"][k].float() - single["state"][k].float()).abs().max().item() for k in single["state"])
+    print(f"DDP 2x8 vs 1x16 over 10 steps: largest loss difference {loss_gap:.3g}, largest state difference {worst:.3g}")
+    assert loss_gap < 1e-5
     assert worst < 1e-4, worst
