@@ -44,6 +44,7 @@ from measure import (
     markdown_table,
     memory_available_bytes,
     release_freed_memory,
+    write_json,
 )
 
 EMBED_DIM = 256
@@ -332,10 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "", markdown_table(rows, STREAM_COLUMNS), ""]
     result["table"] = "\n".join(text)
     print("\n" + result["table"])
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str))
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 

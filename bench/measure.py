@@ -5,6 +5,8 @@ machines that have only PyTorch, timm, transformers and the Hydra wheels.
 """
 from __future__ import annotations
 
+import json
+
 import ctypes
 import os
 import platform
@@ -225,3 +227,12 @@ def si(value: float, unit: str = "") -> str:
         if abs(value) >= factor:
             return f"{value / factor:.3g} {prefix}{unit}"
     return f"{value:.3g} {unit}"
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    """Write a benchmark's result (no-op without a path)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {path}")

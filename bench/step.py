@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import statistics
@@ -44,6 +43,7 @@ from measure import (
     release_freed_memory,
     si,
     time_calls,
+    write_json,
 )
 
 
@@ -400,10 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = print_table(rows, matmul, ratios, args)
     result = {"machine": machine_info(args.device), "args": {k: (str(v) if isinstance(v, Path) else v)
               for k, v in vars(args).items()}, "matmul": matmul, "overhead_ratio": ratios, "rows": rows, "table": table}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str))
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 

@@ -41,6 +41,15 @@ TINY = [
 ]
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """One synthetic data folder for the whole session (built on first use)."""

@@ -19,12 +19,7 @@ from cots_tokenizers.weights import load_weights, save_weights
 TINY = dict(n_hid=16, n_blk_per_group=1, vocab_size=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: threads only add overhead
 
 
 @pytest.fixture

@@ -11,12 +11,7 @@ from cots.models.mvlm_heads import CMLMHead, CMVMHead
 from cots.models.text_tower import TextTower
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: threads only add overhead
 
 
 def reference_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

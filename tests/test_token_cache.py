@@ -25,12 +25,7 @@ TINY = dict(n_hid=16, n_blk_per_group=1, vocab_size=64)
 VIT_SIZE, PATCH, DVAE_SIZE, GRID = 64, 16, 32, 4  # 64 / 16 = 4 patches per side = 32 / 8 tokens
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: threads only add overhead
 
 
 @pytest.fixture(scope="module")
