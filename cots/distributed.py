@@ -35,22 +35,6 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
-    """Like :func:`all_gather_no_grad` but ranks may hold different numbers of rows."""
-    if not is_distributed():
-        return x.detach()
-    size = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.empty_like(size) for _ in range(world_size())]
-    dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
-    padded = x.new_zeros((max(counts), *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:n] for p, n in zip(parts, counts)], dim=0)
-
-
-@torch.no_grad()
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of ``x`` over ranks (a new tensor; ``x`` is untouched)."""
     if not is_distributed():
