@@ -39,6 +39,24 @@ def check_config(cfg: DictConfig) -> None:
         if cfg.data[key] <= 0:
             raise ConfigError(f"data.{key} must be positive, got {cfg.data[key]}")
     check_token_level(cfg, patch)
+    check_vilem(cfg)
+
+
+def check_vilem(cfg: DictConfig) -> None:
+    """ViLEM (DESIGN §7): a generator that exists and a model that has the head."""
+    if not _enabled(cfg, "vilem"):
+        return
+    vilem = cfg.objective.vilem
+    if not cfg.model.get("vilem_head"):
+        raise ConfigError("objective.vilem.enabled=true needs model.vilem_head=true (its default follows the objective)")
+    generator = vilem.get("generator", "cmlm")
+    if generator == "cmlm" and not _enabled(cfg, "cmlm"):
+        raise ConfigError("objective.vilem.generator=cmlm draws errors from the CMLM head: set objective.cmlm.enabled=true "
+                          "(and data.text_mask), or objective.vilem.generator=<local masked-LM directory>")
+    if not 0 < float(vilem.get("ratio", 0.15)) <= 1:
+        raise ConfigError(f"objective.vilem.ratio must be in (0, 1], got {vilem.get('ratio')}")
+    if int(vilem.get("top_k", 10)) < 1:
+        raise ConfigError(f"objective.vilem.top_k must be at least 1, got {vilem.get('top_k')}")
 
 
 def _enabled(cfg: DictConfig, term: str) -> bool:

@@ -21,7 +21,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(data_cfg)
     datamodule.prepare_data()
     tokenizer = datamodule.build_text_tokenizer(checkpoint["cots"]["text_tokenizer"])
-    module = build_module(run_cfg, tokenizer.vocab_size, tokenizer.to_str())
+    module = build_module(run_cfg, tokenizer.vocab_size, tokenizer.to_str(), tokenizer.mask_id, tokenizer.special_ids)
     module.load_state_dict(checkpoint["state_dict"])
     split = cfg.split if datamodule.manifests.get(cfg.split) else "val"
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False)

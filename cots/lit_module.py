@@ -12,6 +12,8 @@ from cots.amf import AMFDecision, noise_confusion, precision_recall
 from cots.checkpoints import capture_rng_state, restore_rng_state
 from cots.eval.retrieval import retrieval_metrics
 from cots.guards import NonFiniteGuard, all_ranks_finite, assert_finite_parameters, check_skip_fraction
+from cots.losses.vilem import vilem_loss
+from cots.masking import IGNORE_INDEX
 from cots.models.cots_model import COTSModel
 from cots.momentum import momentum_at
 from cots.objective import COTSObjective
@@ -65,6 +67,7 @@ class COTSLitModule(L.LightningModule):
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps) if skip_nonfinite else None
         self._gallery: dict[str, list] = {}
         self.last_retrieval: dict[str, float] = {}
+        self.last_error_accuracy: dict[str, float] = {}  # ViLEM detection / correction accuracy (%), when on
         # [filtered & noisy, filtered & clean, kept & noisy, kept & clean] once AMF is active, over injected noise
         # (data.noise_rate); saved in the "cots" section of checkpoints, not in the state dict.
         self.register_buffer("amf_noise_counts", torch.zeros(4), persistent=False)
@@ -126,14 +129,51 @@ class COTSLitModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- retrieval evaluation (val and test share it) -------------------------------------------
-    def _gallery_step(self, batch: dict, dataloader_idx: int) -> None:
+    def _gallery_step(self, batch: dict, batch_idx: int, dataloader_idx: int) -> None:
         encoder = self.model.encoder
         if dataloader_idx == 0:
-            self._gallery.setdefault("images", []).append(encoder.encode_image(batch["images"]).embedding.float())
+            image = encoder.encode_image(batch["images"])
+            self._gallery.setdefault("images", []).append(image.embedding.float())
+            if self.objective.vilem.enabled:
+                self._keep_error_images(image.cls, image.tokens)
         else:
             text = encoder.encode_text(batch["input_ids"], batch["attention_mask"]).embedding.float()
             self._gallery.setdefault("texts", []).append(text)
             self._gallery.setdefault("text_to_image", []).append(batch["image_index"])
+            if self.objective.vilem.enabled:
+                self._score_errors(batch, batch_idx)
+
+    def _keep_error_images(self, image_global: torch.Tensor, image_patches: torch.Tensor) -> None:
+        """Keep [CLS] and patch tokens of the first ``objective.vilem.val_images`` gallery images."""
+        kept = self._gallery.setdefault("error_images", [])
+        room = self.objective.vilem.val_images - sum(len(cls) for cls, _ in kept)
+        if room > 0:
+            kept.append((image_global[:room], image_patches[:room]))
+
+    def _score_errors(self, batch: dict, batch_idx: int) -> None:
+        """ViLEM detection / correction counts on seeded edits of the captions of the kept images."""
+        kept = self._gallery.get("error_images")
+        if not kept:
+            return
+        if isinstance(kept, list):  # first caption batch: one tensor per field from now on
+            kept = self._gallery["error_images"] = (torch.cat([c for c, _ in kept]), torch.cat([p for _, p in kept]))
+        image_global, image_patches = kept
+        index = batch["image_index"]
+        own = index < image_global.shape[0]
+        if not own.any():
+            return
+        ids, mask, index = batch["input_ids"][own], batch["attention_mask"][own], index[own]
+        generator = torch.Generator(device=ids.device).manual_seed(1000003 * (batch_idx + 1))  # the same edits every time
+        edited = self.objective.edit_captions(self.model, ids, mask, image_global[index], generator)
+        predicted = self.model.predict_errors(image_global[index], image_patches[index], edited.input_ids,
+                                              edited.attention_mask, edited.replaced)
+        result = vilem_loss(predicted.detection_logits, edited.detection_labels, predicted.correction_logits,
+                            edited.correction_labels)
+        scored = (edited.detection_labels != IGNORE_INDEX).sum()
+        replaced = edited.replaced.sum()
+        counts = torch.stack([result["detection_accuracy"] * scored, scored, result["correction_accuracy"] * replaced,
+                              replaced.float()]).float()
+        self._gallery["error_counts"] = self._gallery.get("error_counts", 0) + counts
 
     def _gallery_end(self, prefix: str) -> None:
         if not self._gallery:
@@ -141,19 +181,26 @@ class COTSLitModule(L.LightningModule):
         images = torch.cat(self._gallery.pop("images"))
         texts = torch.cat(self._gallery.pop("texts"))
         text_to_image = torch.cat(self._gallery.pop("text_to_image"))
+        error_counts = self._gallery.pop("error_counts", None)
         self._gallery.clear()
         self.last_retrieval = retrieval_metrics(images, texts, text_to_image, self.eval_chunk_size)
         for name, value in self.last_retrieval.items():
             self.log(f"{prefix}/{name}", value, prog_bar=name == "rsum", sync_dist=False)
+        if error_counts is not None:  # every rank scored the same captions
+            det_correct, det_total, cor_correct, cor_total = error_counts.tolist()
+            self.last_error_accuracy = {"vilem_det_acc": 100.0 * det_correct / max(det_total, 1.0),
+                                        "vilem_cor_acc": 100.0 * cor_correct / max(cor_total, 1.0)}
+            for name, value in self.last_error_accuracy.items():
+                self.log(f"{prefix}/{name}", value, sync_dist=False)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._gallery_step(batch, dataloader_idx)
+        self._gallery_step(batch, batch_idx, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._gallery_end("val")
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._gallery_step(batch, dataloader_idx)
+        self._gallery_step(batch, batch_idx, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
         self._gallery_end("test")

@@ -9,11 +9,14 @@ from torch import nn
 
 from cots import distributed
 from cots.amf import AdaptiveMomentumFilter, AMFDecision
+from cots.error_generation import (EditedCaptions, MaskedLMGenerator, apply_errors, choose_error_positions,
+                                   sample_replacements)
 from cots.losses.instance import instance_contrastive_loss
 from cots.losses.mvlm import cmlm_loss, cmvm_loss
 from cots.losses.task import TASK_DIRECTIONS, task_kl_loss
+from cots.losses.vilem import vilem_loss
 from cots.masking import IGNORE_INDEX
-from cots.models.cots_model import COTSModel, MaskedPredictions, PairFeatures
+from cots.models.cots_model import COTSModel, ErrorPredictions, MaskedPredictions, PairFeatures
 from cots.online_tokens import OnlineImageTokens
 
 
@@ -42,6 +45,29 @@ class AMFSettings:
     queue_size: int = 4096
 
 
+@dataclass
+class ViLEMSettings(LossTerm):
+    """ViLEM error modeling (DESIGN §7).
+
+    ``ratio`` of each caption's tokens are replaced by a draw from the ``top_k`` of ``generator``
+    ('cmlm': the model's own CMLM head, without gradient; or a local Hugging Face masked-LM
+    directory sharing the caption vocabulary). ``layers`` (M1) and ``num_heads`` shape the model's
+    interaction (read by the model config). ``mask_id``, ``special_ids`` and ``vocab_size`` come
+    from the caption tokenizer (``cots-train`` fills them in). ``val_images``: validation scores
+    detection / correction on the captions of the first that many gallery images.
+    """
+
+    ratio: float = 0.15
+    top_k: int = 10
+    generator: str = "cmlm"
+    layers: int = 3
+    num_heads: int | None = None
+    mask_id: int | None = None
+    special_ids: list[int] | None = None
+    vocab_size: int | None = None
+    val_images: int = 512
+
+
 def _global_mean(count: torch.Tensor) -> torch.Tensor:
     """sum over ranks / world size of a local count (the count itself with one process)."""
     return distributed.all_reduce_sum(count.float()) / distributed.world_size()
@@ -66,19 +92,23 @@ class COTSObjective(nn.Module):
         task: switch, weight, direction and temperature of the task-level KL.
         amf: switch, ``k`` and ``queue_size`` of the Adaptive Momentum Filter.
         cmvm, cmlm: switch and weight of the masked vision / language modeling terms.
+        vilem: ViLEM error modeling, see :class:`ViLEMSettings`.
         image_tokenizer: ``data.image_tokens``, for the online path (batches carrying ``images_dvae``):
             see :class:`OnlineImageTokens`; the dVAE is built on first use, outside the state dict.
     """
 
     def __init__(self, inst: Mapping | LossTerm | None = None, task: Mapping | TaskTerm | None = None,
                  amf: Mapping | AMFSettings | None = None, cmvm: Mapping | LossTerm | None = None,
-                 cmlm: Mapping | LossTerm | None = None, image_tokenizer: Mapping | None = None) -> None:
+                 cmlm: Mapping | LossTerm | None = None, image_tokenizer: Mapping | None = None,
+                 vilem: Mapping | ViLEMSettings | None = None) -> None:
         super().__init__()
         self.inst = _settings(LossTerm, inst, default_enabled=True)
         self.task = _settings(TaskTerm, task, default_enabled=False)
         self.amf_settings = _settings(AMFSettings, amf, default_enabled=False)
         self.cmvm = _settings(LossTerm, cmvm, default_enabled=False)
         self.cmlm = _settings(LossTerm, cmlm, default_enabled=False)
+        self.vilem = _settings(ViLEMSettings, vilem, default_enabled=False)
+        self._error_generator: MaskedLMGenerator | None = None  # a plain attribute: frozen, not checkpointed
         # A plain attribute, not a submodule: the frozen dVAE is no part of the trained state.
         self.online_tokens: OnlineImageTokens | None = None
         if self.cmvm.enabled and image_tokenizer is not None and image_tokenizer.get("source", "online") == "online":
@@ -89,9 +119,51 @@ class COTSObjective(nn.Module):
             raise ValueError(f"objective.task.direction must be one of {TASK_DIRECTIONS}, got {self.task.direction!r}")
         if self.task.temperature is not None and not self.task.temperature > 0:
             raise ValueError(f"objective.task.temperature must be positive or null, got {self.task.temperature}")
+        if self.vilem.enabled:
+            self._check_vilem()
         self.amf: AdaptiveMomentumFilter | None = None
         if self.amf_settings.enabled:
             self.amf = AdaptiveMomentumFilter(self.amf_settings.queue_size, self.amf_settings.k)
+
+    def _check_vilem(self) -> None:
+        settings = self.vilem
+        if not 0 < settings.ratio <= 1:
+            raise ValueError(f"objective.vilem.ratio must be in (0, 1], got {settings.ratio}")
+        if settings.top_k < 1:
+            raise ValueError(f"objective.vilem.top_k must be at least 1, got {settings.top_k}")
+        if settings.mask_id is None or settings.special_ids is None or not settings.vocab_size:
+            raise ValueError("objective.vilem needs the caption tokenizer's mask_id, special_ids and vocab_size "
+                             "(cots-train fills them in; set them when building the objective yourself)")
+
+    def edit_captions(self, model: COTSModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      image_global: torch.Tensor, generator: torch.Generator | None = None) -> EditedCaptions:
+        """ViLEM's plausible errors: about ``ratio`` of the tokens replaced from the generator's top-k.
+
+        Args:
+            input_ids, attention_mask: (B, L) clean captions.
+            image_global: (B, W_v) the paired image [CLS] (read by the CMLM generator's fusion).
+            generator: torch Generator for reproducible edits (validation); None = the global RNG.
+        """
+        settings = self.vilem
+        forbidden = sorted(set(settings.special_ids) | {settings.mask_id})
+        masked_ids, originals = choose_error_positions(
+            input_ids, attention_mask, settings.mask_id, forbidden, settings.vocab_size, settings.ratio, generator)
+        chosen = originals != IGNORE_INDEX  # B x L
+        if settings.generator == "cmlm":
+            logits = model.cmlm_generator_logits(masked_ids, attention_mask, image_global.detach(), chosen)
+        else:
+            if self._error_generator is None:
+                self._error_generator = MaskedLMGenerator(settings.generator, settings.vocab_size)
+            logits = self._error_generator(masked_ids, attention_mask, chosen)  # M x V
+        replacements = sample_replacements(logits, originals[chosen], settings.top_k, forbidden, generator)
+        return apply_errors(input_ids, attention_mask, originals, replacements, forbidden)
+
+    def error_terms(self, edited: EditedCaptions, predicted: ErrorPredictions) -> dict[str, torch.Tensor]:
+        """``vilem_loss`` normalised by the global mean counts of scored and replaced tokens."""
+        scored = _global_mean((edited.detection_labels != IGNORE_INDEX).sum())
+        replaced = _global_mean(edited.replaced.sum())
+        return vilem_loss(predicted.detection_logits, edited.detection_labels, predicted.correction_logits,
+                          edited.correction_labels, scored, replaced)
 
     def filter_pairs(self, features: PairFeatures) -> AMFDecision | None:
         """The AMF decision for this step (before the losses and the enqueue); None when AMF is off."""
@@ -115,13 +187,15 @@ class COTSObjective(nn.Module):
         return self.online_tokens(batch["images_dvae"])  # B x h x w
 
     def forward(self, model: COTSModel, features: PairFeatures, weights: torch.Tensor | None = None,
-                masked: MaskedPredictions | None = None, image_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                masked: MaskedPredictions | None = None, image_tokens: torch.Tensor | None = None,
+                errors: tuple[EditedCaptions, ErrorPredictions] | None = None) -> dict[str, torch.Tensor]:
         """Loss terms for one step; ``loss`` is the weighted total, the rest are for logging.
 
         Args:
             weights: (B,) per-pair positive weights (AMF), None = all ones.
             masked: the masked passes' logits (``model.predict_masked``) when CMVM or CMLM is on.
             image_tokens: (B, h, w) CMVM targets (``image_targets``).
+            errors: ViLEM's edited captions and the model's predictions on them, when ViLEM is on.
         """
         image_keys, text_keys, key_mask = model.keys_with_queue(features)
         weight_sum = None
@@ -154,6 +228,13 @@ class COTSObjective(nn.Module):
             for name, (loss, accuracy) in self._token_losses(masked, image_tokens).items():
                 terms[name], terms[f"{name}_acc"] = loss, accuracy
                 terms["loss"] = terms["loss"] + getattr(self, name).weight * loss
+        if self.vilem.enabled:
+            if errors is None:
+                raise ValueError("objective.vilem is on but no edited captions / predictions were given")
+            result = self.error_terms(*errors)
+            terms.update(vilem=result["loss"], vilem_det=result["detection"], vilem_cor=result["correction"],
+                         vilem_det_acc=result["detection_accuracy"], vilem_cor_acc=result["correction_accuracy"])
+            terms["loss"] = terms["loss"] + self.vilem.weight * result["loss"]
         return terms
 
     def _token_losses(self, masked: MaskedPredictions | None,

@@ -1,6 +1,6 @@
 """One training step's losses, shared by ``COTSLitModule.training_step`` and ``bench/step.py``.
 
-forward (online + momentum keys) -> AMF filter -> masked passes (CMVM / CMLM) -> objective,
+forward (online + momentum keys) -> AMF filter -> masked passes (CMVM / CMLM) -> ViLEM edits -> objective,
 then, once the losses exist, the enqueue. Backward, the optimizer and the momentum update stay
 with the caller (Lightning, or the benchmark's own loop).
 """
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from cots.amf import AMFDecision
-from cots.models.cots_model import COTSModel, MaskedPredictions, PairFeatures
+from cots.error_generation import EditedCaptions
+from cots.models.cots_model import COTSModel, ErrorPredictions, MaskedPredictions, PairFeatures
 from cots.objective import COTSObjective
 
 
@@ -24,6 +25,7 @@ class StepOutput:
     features: PairFeatures
     decision: AMFDecision | None  # None when AMF is off
     masked: MaskedPredictions | None  # None when CMVM and CMLM are off
+    errors: tuple[EditedCaptions, ErrorPredictions] | None = None  # ViLEM's edits and predictions, when on
 
 
 def _field(batch: Mapping, key: str, config_key: str) -> torch.Tensor:
@@ -57,9 +59,15 @@ def compute_step(model: COTSModel, objective: COTSObjective, batch: Mapping) -> 
     if objective.token_level:
         masked = model.predict_masked(features, **masked_inputs(objective, batch))
         image_tokens = objective.image_targets(batch) if objective.cmvm.enabled else None
+    errors = None
+    if objective.vilem.enabled:  # training only: retrieval features above never see ViLEM's interaction
+        edited = objective.edit_captions(model, batch["input_ids"], batch["attention_mask"], features.image.cls)
+        predicted = model.predict_errors(features.image.cls, features.image.tokens, edited.input_ids,
+                                         edited.attention_mask, edited.replaced)
+        errors = (edited, predicted)
     weights = None if decision is None else decision.weights
-    terms = objective(model, features, weights=weights, masked=masked, image_tokens=image_tokens)
-    return StepOutput(terms, features, decision, masked)
+    terms = objective(model, features, weights=weights, masked=masked, image_tokens=image_tokens, errors=errors)
+    return StepOutput(terms, features, decision, masked, errors)
 
 
 @torch.no_grad()

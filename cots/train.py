@@ -18,11 +18,20 @@ from cots.report import write_report
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def build_module(cfg: DictConfig, text_vocab_size: int, tokenizer_json: str | None):
-    """The LightningModule for a run config (model, objective, optimizer, scheduler)."""
+def build_module(cfg: DictConfig, text_vocab_size: int, tokenizer_json: str | None,
+                 mask_id: int | None = None, special_ids: list[int] | None = None):
+    """The LightningModule for a run config (model, objective, optimizer, scheduler).
+
+    ``text_vocab_size``, ``mask_id`` and ``special_ids`` come from the caption tokenizer: the text
+    tower's vocabulary when built from scratch, and ViLEM's error positions and replacements.
+    """
     with open_dict(cfg):
         if not cfg.model.encoder.text_tower.pretrained:
             cfg.model.encoder.text_tower.vocab_size = text_vocab_size
+        if cfg.objective.get("vilem") is not None:
+            cfg.objective.vilem.vocab_size = text_vocab_size
+            cfg.objective.vilem.mask_id = mask_id
+            cfg.objective.vilem.special_ids = None if special_ids is None else [int(i) for i in special_ids]
     model = instantiate(cfg.model)
     objective = instantiate(cfg.objective)
     module = instantiate(
@@ -53,7 +62,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         raise ConfigError("; ".join(problems))
     saved_tokenizer = read_checkpoint(cfg.ckpt_path)["cots"]["text_tokenizer"] if cfg.get("ckpt_path") else None
     tokenizer = datamodule.build_text_tokenizer(saved_tokenizer)
-    module = build_module(cfg, tokenizer.vocab_size, tokenizer.to_str())
+    module = build_module(cfg, tokenizer.vocab_size, tokenizer.to_str(), tokenizer.mask_id, tokenizer.special_ids)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     save_final_checkpoint(trainer)

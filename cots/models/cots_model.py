@@ -15,6 +15,7 @@ from cots import distributed
 from cots.masking import IGNORE_INDEX
 from cots.models.mvlm_heads import CMLMHead, CMVMHead
 from cots.models.two_stream import TowerOutput, TwoStreamEncoder
+from cots.models.vilem import ErrorModelingHead
 from cots.momentum import ema_update_, momentum_copy, parameter_pairs
 from cots.queues import PairedFeatureQueue
 
@@ -44,6 +45,14 @@ class MaskedPredictions:
     mlm_labels: torch.Tensor | None = None  # B x L, original id at masked tokens, -100 elsewhere
 
 
+@dataclass
+class ErrorPredictions:
+    """ViLEM's logits on edited captions (DESIGN §7)."""
+
+    detection_logits: torch.Tensor  # B x L, replaced vs kept
+    correction_logits: torch.Tensor  # M x V_txt at the replaced positions, row-major
+
+
 class COTSModel(nn.Module):
     """Online two-stream encoder + momentum copy + paired feature queues + learnable temperature + MVLM heads.
 
@@ -58,6 +67,9 @@ class COTSModel(nn.Module):
         cmvm_head: build the CMVM head (needs ``image_vocab_size`` and the tower's ``mask_embedding``).
         cmlm_head: build the CMLM head (its decoder is the text tower's word embedding matrix).
         image_vocab_size: dVAE vocabulary scored by the CMVM head (8192 for DALL-E).
+        vilem_head: build ViLEM's interaction and heads (training only; see ``cots.models.vilem``).
+        vilem_layers: M1, text layers run with the image injection and cross-attention.
+        vilem_heads: cross-attention heads; None = the text tower's.
     """
 
     def __init__(
@@ -69,6 +81,9 @@ class COTSModel(nn.Module):
         cmvm_head: bool = False,
         cmlm_head: bool = False,
         image_vocab_size: int | None = None,
+        vilem_head: bool = False,
+        vilem_layers: int = 3,
+        vilem_heads: int | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -87,6 +102,9 @@ class COTSModel(nn.Module):
             self.cmvm_head = CMVMHead(image_width, text_width, image_vocab_size)
         if cmlm_head:
             self.cmlm_head = CMLMHead(text_width, image_width, encoder.text_tower.word_embeddings)
+        self.vilem_head: ErrorModelingHead | None = None
+        if vilem_head:
+            self.vilem_head = ErrorModelingHead(encoder.text_tower, image_width, vilem_layers, vilem_heads)
 
     @property
     def queue_size(self) -> int:
@@ -158,6 +176,36 @@ class COTSModel(nn.Module):
             out.cmlm_logits = self.cmlm_head(states, features.image.cls, mlm_labels != IGNORE_INDEX)  # M_t x V_txt
             out.mlm_labels = mlm_labels
         return out
+
+    @torch.no_grad()
+    def cmlm_generator_logits(self, masked_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              image_global: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """The CMLM head as ViLEM's error generator: (M, V_txt) logits at the chosen [MASK] positions.
+
+        Args:
+            masked_ids, attention_mask: (B, L) captions with [MASK] at the chosen positions.
+            image_global: (B, W_v) image [CLS]; chosen: (B, L) bool.
+        """
+        if self.cmlm_head is None:
+            raise ValueError("objective.vilem.generator=cmlm uses the CMLM head: set objective.cmlm.enabled=true "
+                             "(with data.text_mask), or point objective.vilem.generator to a local masked-LM directory")
+        _, states = self.encoder.text_tower(masked_ids, attention_mask)  # B x L x W_t
+        return self.cmlm_head(states, image_global, chosen).float()  # M x V_txt
+
+    def predict_errors(self, image_global: torch.Tensor, image_patches: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor, replaced: torch.Tensor) -> ErrorPredictions:
+        """ViLEM's detection and correction logits for edited captions against their images.
+
+        Args:
+            image_global: (B, W_v) online image [CLS] of the unmasked pass (with gradient in training).
+            image_patches: (B, P, W_v) its patch tokens.
+            input_ids, attention_mask: (B, L) the edited captions; replaced: (B, L) bool.
+        """
+        if self.vilem_head is None:
+            raise ValueError("objective.vilem is on but the model has no ViLEM head (model.vilem_head=false)")
+        detection, correction = self.vilem_head(self.encoder.text_tower, input_ids, attention_mask,
+                                                image_global, image_patches, replaced)
+        return ErrorPredictions(detection, correction)
 
     def queue_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The queues Q^v, Q^t (K, D) and their validity mask (K,): False for slots not yet written."""

@@ -1,6 +1,8 @@
 """Text tower: a Hugging Face BERT from a config (from scratch) or a local pretrained directory."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers import BertConfig, BertModel
@@ -92,3 +94,40 @@ class TextTower(nn.Module):
             return hidden[:, 0], hidden
         weights = attention_mask.to(hidden.dtype)[..., None]  # B x L x 1
         return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0), hidden
+
+    def forward_first_layers(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        num_layers: int,
+        embedding_offset: torch.Tensor | None = None,
+        after_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Embeddings and the first ``num_layers`` BERT layers, with hooks for ViLEM's interaction.
+
+        Args:
+            input_ids, attention_mask: (B, L).
+            embedding_offset: (B, W) added to every token's embedding (an injected global feature).
+            after_layer: ``f(i, hidden) -> hidden`` applied after layer i (cross-attention).
+        Returns:
+            (B, L, W) hidden states after layer ``num_layers - 1``; with all layers and no hooks,
+            exactly ``forward``'s token states.
+        """
+        hidden = self.bert.embeddings(input_ids=input_ids)  # B x L x W
+        if embedding_offset is not None:
+            hidden = hidden + embedding_offset[:, None, :].to(hidden.dtype)
+        mask = self._layer_attention_mask(attention_mask, hidden)
+        for i, layer in enumerate(self.bert.encoder.layer[:num_layers]):
+            out = layer(hidden, mask)
+            hidden = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
+            if after_layer is not None:
+                hidden = after_layer(i, hidden)
+        return hidden
+
+    def _layer_attention_mask(self, attention_mask: torch.Tensor, hidden: torch.Tensor):
+        """The padding mask in the form this transformers release's BERT layers take."""
+        try:
+            from transformers.masking_utils import create_bidirectional_mask
+        except ImportError:  # transformers 4: an additive (B, 1, 1, L) mask
+            return self.bert.get_extended_attention_mask(attention_mask, attention_mask.shape)
+        return create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden, attention_mask=attention_mask)

@@ -1,0 +1,125 @@
+"""ViLEM's plausible caption errors (DESIGN §7): choose positions, replace each from a masked-LM's top-k.
+
+Pure tensor functions; the generator's logits come from the caller (the model's own CMLM
+head, or :class:`MaskedLMGenerator`, a local Hugging Face masked LM).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cots.masking import IGNORE_INDEX, mask_text_tokens, maskable_positions
+
+
+@dataclass
+class EditedCaptions:
+    """Captions with generated errors and their labels. B = batch, L = tokens."""
+
+    input_ids: torch.Tensor  # B x L, the edited caption
+    attention_mask: torch.Tensor  # B x L, unchanged
+    detection_labels: torch.Tensor  # B x L long: 1 replaced, 0 kept, IGNORE_INDEX at special and padding tokens
+    correction_labels: torch.Tensor  # B x L long: the original id at replaced positions, IGNORE_INDEX elsewhere
+
+    @property
+    def replaced(self) -> torch.Tensor:
+        """(B, L) bool, True where a token was replaced."""
+        return self.correction_labels != IGNORE_INDEX
+
+
+def choose_error_positions(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_id: int, special_ids: Iterable[int],
+    vocab_size: int, ratio: float, generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions to edit: about ``ratio`` of each caption's real, non-special tokens (at least one).
+
+    Returns:
+        generator_input: (B, L) the caption with [MASK] at the chosen positions (what the masked LM reads);
+        originals: (B, L) the original id at chosen positions, IGNORE_INDEX elsewhere.
+    """
+    return mask_text_tokens(input_ids, attention_mask, mask_id, special_ids, vocab_size, generator,
+                            mask_prob=ratio, replace_prob=1.0, random_prob=0.0)
+
+
+def sample_replacements(
+    logits: torch.Tensor, originals: torch.Tensor, top_k: int, forbidden_ids: Iterable[int],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One replacement per position, drawn from the softmax over the generator's top-k ids.
+
+    The original token and ``forbidden_ids`` (special tokens) are removed before the top-k, so a
+    replacement never equals the original and is never a special token.
+
+    Args:
+        logits: (M, V) the generator's scores at the M chosen positions.
+        originals: (M,) the original ids there.
+        top_k: candidates kept per position.
+        forbidden_ids: ids never drawn ([CLS], [SEP], [PAD], [MASK], ...).
+    Returns:
+        (M,) long replacement ids.
+    """
+    if top_k < 1:
+        raise ValueError(f"objective.vilem.top_k must be at least 1, got {top_k}")
+    scores = logits.detach().float().clone()  # M x V
+    forbidden = [i for i in set(int(i) for i in forbidden_ids) if 0 <= i < scores.shape[1]]
+    scores[:, forbidden] = float("-inf")
+    scores.scatter_(1, originals[:, None], float("-inf"))
+    values, candidates = scores.topk(min(top_k, scores.shape[1]), dim=1)  # M x k
+    if scores.shape[0] and not torch.isfinite(values[:, 0]).all():
+        raise ValueError("the generator's vocabulary has no allowed replacement for some position")
+    probs = values.softmax(dim=1)  # -inf candidates (fewer allowed ids than k) get probability 0
+    pick = torch.multinomial(probs.to(generator.device if generator is not None else probs.device), 1,
+                             generator=generator).to(candidates.device)  # M x 1
+    return candidates.gather(1, pick).squeeze(1)
+
+
+def apply_errors(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, originals: torch.Tensor, replacements: torch.Tensor,
+    special_ids: Iterable[int],
+) -> EditedCaptions:
+    """Write the replacements into the captions and build the detection / correction labels.
+
+    Args:
+        input_ids, attention_mask: (B, L) the clean captions.
+        originals: (B, L) original id at chosen positions, IGNORE_INDEX elsewhere (``choose_error_positions``).
+        replacements: (M,) ids for the chosen positions in row-major order.
+        special_ids: tokens that get no detection label.
+    """
+    chosen = originals != IGNORE_INDEX  # B x L
+    edited = input_ids.clone()
+    edited[chosen] = replacements.to(edited.dtype)
+    scored = maskable_positions(input_ids, attention_mask, special_ids)  # B x L
+    detection = torch.where(scored, chosen.long(), torch.full_like(input_ids, IGNORE_INDEX))
+    return EditedCaptions(edited, attention_mask, detection, originals.clone())
+
+
+class MaskedLMGenerator:
+    """A frozen local Hugging Face masked LM as the error generator (no gradient, not in checkpoints).
+
+    Args:
+        path: a local directory with a ``*ForMaskedLM`` checkpoint whose vocabulary is the captions'.
+        vocab_size: the caption tokenizer's vocabulary, checked against the generator's.
+    """
+
+    def __init__(self, path: str, vocab_size: int) -> None:
+        from transformers import AutoModelForMaskedLM
+
+        from cots.models.local_paths import resolve_local_dir
+
+        directory = resolve_local_dir(path)
+        if not (Path(directory) / "config.json").is_file():
+            raise FileNotFoundError(f"objective.vilem.generator: no config.json in {directory}")
+        self.model = AutoModelForMaskedLM.from_pretrained(str(directory)).eval().requires_grad_(False)
+        if self.model.config.vocab_size != vocab_size:
+            raise ValueError(f"objective.vilem.generator {path} has a vocabulary of {self.model.config.vocab_size} "
+                             f"ids but the caption tokenizer has {vocab_size}: they must be the same tokenizer")
+
+    @torch.no_grad()
+    def __call__(self, masked_ids: torch.Tensor, attention_mask: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """(M, V) float32 logits at the chosen positions of (B, L) masked captions."""
+        self.model.to(masked_ids.device)
+        with torch.autocast(masked_ids.device.type, enabled=False):
+            logits = self.model(input_ids=masked_ids, attention_mask=attention_mask).logits  # B x L x V
+        return logits[chosen].float()
