@@ -24,6 +24,8 @@ from omegaconf import DictConfig, open_dict
 from cots.train import CONF_DIR, train
 
 MVLM = ["data=emoji_tokens", "objective.cmvm.enabled=true", "objective.cmlm.enabled=true"]
+# ViLEM draws its errors from the CMLM head, so its row and its baseline both train CMLM.
+CMLM = ["data.text_mask={mask_prob:0.15,replace_prob:0.8,random_prob:0.1}", "objective.cmlm.enabled=true"]
 SETTINGS: list[tuple[str, list[str]]] = [
     ("contrastive only", ["objective=contrastive_only"]),
     ("+ MVLM", ["objective=contrastive_only", *MVLM]),
@@ -31,6 +33,8 @@ SETTINGS: list[tuple[str, list[str]]] = [
     ("+ AMF", ["objective=contrastive_only", "objective.amf.enabled=true"]),
     ("task KL + AMF", ["objective=default"]),
     ("all", ["objective=default", *MVLM]),
+    ("+ CMLM", ["objective=contrastive_only", *CMLM]),
+    ("+ CMLM + ViLEM", ["objective=contrastive_only", *CMLM, "objective.vilem.enabled=true"]),
 ]
 RETRIEVAL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
@@ -57,6 +61,7 @@ def run_row(name: str, overrides: list[str], out: Path) -> dict:
     row = {"setting": name, "overrides": overrides, "steps": int(objects["trainer"].global_step),
            "minutes": (time.perf_counter() - start) / 60, "train_loss": metrics.get("train/loss")}
     row.update({key: module.last_retrieval.get(key) for key in RETRIEVAL_KEYS})
+    row.update(module.last_error_accuracy)  # ViLEM detection / correction accuracy on held-out captions, when on
     if module.objective.amf is not None:
         tp, fp, fn, tn = (float(x) for x in module.amf_noise_counts)
         seen = tp + fp + fn + tn  # pairs seen after the warm-up (Q^s full)
@@ -106,7 +111,8 @@ def main() -> None:
     for name, overrides in settings:
         print(f"\n=== {name}: {' '.join(overrides)}", flush=True)
         rows.append(run_row(name, [*common, *overrides], args.out))
-        columns = ["setting", *RETRIEVAL_KEYS, "amf_filtered_after_warmup", "train_loss", "minutes"]
+        columns = ["setting", *RETRIEVAL_KEYS, "amf_filtered_after_warmup", "vilem_det_acc", "vilem_det_majority", "vilem_cor_acc",
+                   "train_loss", "minutes"]
         header = f"# Ablation: {args.steps} steps each, {' '.join(common)}"
         table = write_results(rows, args.out, "ablation", columns, header)  # after every row: partial results survive
     print(f"\n{header}\n\n{table}\n\nwrote {args.out / 'ablation.md'} and {args.out / 'ablation.json'}")

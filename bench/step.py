@@ -5,11 +5,12 @@
     python bench/step.py --device cuda --precision bf16 --shapes paper --warmup 10 --steps 20
     python bench/step.py --shapes paper --dry-run            # depth-1 towers, batch 4: checks the script
     python bench/step.py --shapes emoji objective=contrastive_only   # extra Hydra overrides for every shape
+    python bench/step.py --shapes emoji objective=vilem              # + CMLM + ViLEM error modeling
 
 Both steps are built from the composed Hydra config (``hydra.utils.instantiate``) and run in this
 process on the same random batch. The full step is ``cots.step.compute_step`` (what
 ``COTSLitModule.training_step`` runs) + its optimizer step without Lightning: forward (online + momentum)
--> AMF filter -> masked passes (when CMVM / CMLM are on; cached-style random dVAE tokens) -> objective
+-> AMF filter -> masked passes (when CMVM / CMLM are on; cached-style random dVAE tokens) -> ViLEM edits (when on) -> objective
 (every enabled term) -> enqueue -> backward -> AdamW -> momentum update. The CLIP step encodes both sides with the same
 online towers, takes the symmetric InfoNCE over the batch with the learnable temperature and steps
 AdamW (no momentum encoder, no queue). For each: median seconds per step after the warm-up, pairs/s,
@@ -136,6 +137,11 @@ def make_optimizer(cfg, module: nn.Module) -> torch.optim.Optimizer:
     return factory(param_groups(module, weight_decay))
 
 
+def text_special_ids(vocab: int) -> tuple[int, list[int]]:
+    """([MASK], special ids) of the random captions: BERT's where the vocabulary has them (see random_batch)."""
+    return (103 if vocab > 103 else 3), [0, 1, 2, 101, 102]
+
+
 def mvlm_fields(cfg, model, objective, batch: Batch) -> dict:
     """What the data module adds for CMVM / CMLM: random dVAE tokens (as from the token cache) or,
     with ``data.image_tokens.source=online``, random dVAE-resolution crops that the step tokenises;
@@ -156,8 +162,7 @@ def mvlm_fields(cfg, model, objective, batch: Batch) -> dict:
         fields["patch_mask"] = block_masks(masks, size, sample_rng(0)).to(device)  # B x P
     if objective.cmlm.enabled:
         vocab = model.encoder.text_tower.vocab_size
-        mask_id = 103 if vocab > 103 else 3  # BERT's [MASK] where the vocabulary has it (see random_batch)
-        masker = TextMasker(mask_id, [0, 1, 2, 101, 102], vocab)
+        masker = TextMasker(*text_special_ids(vocab), vocab)
         ids, labels = masker(batch.input_ids.cpu(), batch.attention_mask.cpu(), gen)
         fields["mlm_input_ids"], fields["mlm_labels"] = ids.to(device), labels.to(device)  # B x L each
     return fields
@@ -260,6 +265,10 @@ def run_shape(name: str, args) -> list[dict]:
         tower = cfg.model.encoder.text_tower
         if not tower.pretrained and tower.vocab_size is None:
             tower.vocab_size = cfg.data.text_tokenizer.vocab_size  # what build_module takes from the tokenizer
+        if cfg.objective.get("vilem") is not None:  # what build_module takes from the tokenizer, for ViLEM's edits
+            vocab_size = _vocab_size(cfg)
+            cfg.objective.vilem.mask_id, cfg.objective.vilem.special_ids = text_special_ids(vocab_size)
+            cfg.objective.vilem.vocab_size = vocab_size
     batch_size = args.batch or (DRY_RUN_BATCH if args.dry_run else shape.batch) or int(cfg.data.batch_size)
     text_len = min(args.text_len, int(cfg.data.text_tokenizer.max_length))
     vocab = _vocab_size(cfg)

@@ -189,7 +189,9 @@ class COTSLitModule(L.LightningModule):
         if error_counts is not None:  # every rank scored the same captions
             det_correct, det_total, cor_correct, cor_total = error_counts.tolist()
             self.last_error_accuracy = {"vilem_det_acc": 100.0 * det_correct / max(det_total, 1.0),
-                                        "vilem_cor_acc": 100.0 * cor_correct / max(cor_total, 1.0)}
+                                        "vilem_cor_acc": 100.0 * cor_correct / max(cor_total, 1.0),
+                                        # what "nothing was replaced" scores: the bar detection must clear
+                                        "vilem_det_majority": 100.0 * (1.0 - cor_total / max(det_total, 1.0))}
             for name, value in self.last_error_accuracy.items():
                 self.log(f"{prefix}/{name}", value, sync_dist=False)
 

@@ -238,6 +238,7 @@ def test_a_cmlm_generator_without_the_cmlm_term_is_refused_at_start_up(make_cfg)
 def test_training_with_vilem_logs_its_terms_and_validation_accuracies(make_cfg):
     metrics, objects = train(_vilem_cfg(make_cfg, "trainer.max_steps=3", "trainer.val_check_interval=3",
                                       "objective.vilem.val_images=20"))
-    for name in ("train/vilem", "train/vilem_det_acc", "train/vilem_cor_acc", "val/vilem_det_acc", "val/vilem_cor_acc"):
+    for name in ("train/vilem", "train/vilem_det_acc", "train/vilem_cor_acc", "val/vilem_det_acc", "val/vilem_cor_acc",
+                 "val/vilem_det_majority"):
         assert name in metrics, (name, sorted(metrics))
     assert 0.0 <= metrics["val/vilem_det_acc"] <= 100.0 and metrics["train/vilem"] > 0

@@ -68,7 +68,7 @@ class COTSModel(nn.Module):
         cmlm_head: build the CMLM head (its decoder is the text tower's word embedding matrix).
         image_vocab_size: dVAE vocabulary scored by the CMVM head (8192 for DALL-E).
         vilem_head: build ViLEM's interaction and heads (training only; see ``cots.models.vilem``).
-        vilem_layers: M1, text layers run with the image injection and cross-attention.
+        vilem_layers: M1, text layers run with the image injection and cross-attention; None = half the depth.
         vilem_heads: cross-attention heads; None = the text tower's.
     """
 
@@ -82,7 +82,7 @@ class COTSModel(nn.Module):
         cmlm_head: bool = False,
         image_vocab_size: int | None = None,
         vilem_head: bool = False,
-        vilem_layers: int = 3,
+        vilem_layers: int | None = None,
         vilem_heads: int | None = None,
     ) -> None:
         super().__init__()

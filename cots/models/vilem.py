@@ -65,13 +65,15 @@ class ErrorModelingHead(nn.Module):
     Args:
         text_tower: the online text tower (for its width, depth and word embeddings).
         image_width: W_v.
-        num_layers: M1, the text layers run with interaction (1 .. depth).
+        num_layers: M1, the text layers run with interaction (1 .. depth); None = half the depth.
         num_heads: cross-attention heads; None = the text tower's own head count.
     """
 
-    def __init__(self, text_tower: TextTower, image_width: int, num_layers: int, num_heads: int | None = None) -> None:
+    def __init__(self, text_tower: TextTower, image_width: int, num_layers: int | None = None,
+                 num_heads: int | None = None) -> None:
         super().__init__()
         depth = len(text_tower.bert.encoder.layer)
+        num_layers = max(1, depth // 2) if num_layers is None else num_layers
         if not 1 <= num_layers <= depth:
             raise ValueError(f"objective.vilem.layers={num_layers} must be in [1, {depth}] (the text tower's depth)")
         width = text_tower.width
