@@ -6,6 +6,7 @@
     python bench/step.py --shapes paper --dry-run            # depth-1 towers, batch 4: checks the script
     python bench/step.py --shapes emoji objective=contrastive_only   # extra Hydra overrides for every shape
     python bench/step.py --shapes emoji objective=vilem              # + CMLM + ViLEM error modeling
+    python bench/step.py --shapes emoji --precision bf16 "module.compile={}"   # towers under torch.compile
 
 Both steps are built from the composed Hydra config (``hydra.utils.instantiate``) and run in this
 process on the same random batch. The full step is ``cots.step.compute_step`` (what
@@ -176,6 +177,8 @@ def build_full(cfg, batch: Batch, device: str, precision: str) -> Phase:
 
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device).train()
+    if cfg.module.get("compile") is not None:  # module.compile={...}: what COTSLitModule does
+        model.compile_towers(**cfg.module.compile)
     objective = instantiate(cfg.objective).to(device)
     optimizer = make_optimizer(cfg, model)
     momentum = float(cfg.module.momentum)
@@ -202,6 +205,9 @@ def build_clip(cfg, batch: Batch, device: str, precision: str) -> Phase:
 
     torch.manual_seed(0)
     clip = CLIPStep(instantiate(cfg.model.encoder), float(cfg.model.temperature)).to(device).train()
+    if cfg.module.get("compile") is not None:  # the same towers compiled the same way
+        clip.encoder.image_tower.compile(**cfg.module.compile)
+        clip.encoder.text_tower.compile(**cfg.module.compile)
     optimizer = make_optimizer(cfg, clip)
 
     def step() -> torch.Tensor:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import lightning as L
 import torch
@@ -35,6 +35,8 @@ class COTSLitModule(L.LightningModule):
         skip_nonfinite: skip (no update, no enqueue) a step whose loss is NaN/Inf on any rank; costs one
             host sync per step. ``max_nonfinite_steps`` in a row stop the run.
         max_skip_fraction: stop when more than this fraction of training samples is unusable (None: never).
+        compile: None runs eager; a dict (``{}`` for the defaults) ``torch.compile``s the towers with
+            those options (see :meth:`COTSModel.compile_towers`).
     """
 
     def __init__(
@@ -50,8 +52,11 @@ class COTSLitModule(L.LightningModule):
         skip_nonfinite: bool = True,
         max_nonfinite_steps: int = 10,
         max_skip_fraction: float | None = 0.1,
+        compile: Mapping | None = None,
     ) -> None:
         super().__init__()
+        if compile is not None:
+            model.compile_towers(**dict(compile))
         self.model = model
         self.objective = objective
         self.optimizer_factory = optimizer

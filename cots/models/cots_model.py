@@ -119,6 +119,17 @@ class COTSModel(nn.Module):
         self.momentum_encoder.eval()
         return self
 
+    def compile_towers(self, **options) -> None:
+        """``torch.compile`` the forward of the four towers (online and momentum) in place.
+
+        In place (``nn.Module.compile``), so parameter names and checkpoints stay those of the eager
+        model; the losses, queues and EMA stay eager. ``options`` go to ``torch.compile`` (backend, mode,
+        dynamic, ...); variable caption lengths make the text towers recompile once, then run dynamic.
+        """
+        for encoder in (self.encoder, self.momentum_encoder):
+            encoder.image_tower.compile(**options)
+            encoder.text_tower.compile(**options)
+
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:
         """One EMA step of every momentum parameter; call once per optimizer step."""

@@ -61,8 +61,9 @@ class TextTower(nn.Module):
                 attention_probs_dropout_prob=dropout,
             )
             self.bert = BertModel(config, add_pooling_layer=False)
-        if grad_checkpointing:
-            self.bert.gradient_checkpointing_enable()
+        if grad_checkpointing:  # renamed in transformers 5
+            enable = getattr(self.bert, "activation_checkpointing_enable", None) or self.bert.gradient_checkpointing_enable
+            enable()
         self.width = self.bert.config.hidden_size
         self.vocab_size = self.bert.config.vocab_size
         if trainable_layers is not None:
