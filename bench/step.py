@@ -131,11 +131,10 @@ def make_optimizer(cfg, module: nn.Module) -> torch.optim.Optimizer:
     """AdamW as ``configure_optimizers`` builds it: the config's partial over ``param_groups``."""
     from hydra.utils import instantiate
 
-    from cots.optim import param_groups
+    from cots.optim import build_optimizer
 
     factory = instantiate(cfg.optim.optimizer)
-    weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
-    return factory(param_groups(module, weight_decay))
+    return build_optimizer(factory, module, cfg.optim.get("lr_scale"))
 
 
 def text_special_ids(vocab: int) -> tuple[int, list[int]]:

@@ -17,7 +17,7 @@ from cots.masking import IGNORE_INDEX
 from cots.models.cots_model import COTSModel
 from cots.momentum import momentum_at
 from cots.objective import COTSObjective
-from cots.optim import param_groups
+from cots.optim import build_optimizer
 from cots.step import compute_step, enqueue_step
 
 
@@ -37,6 +37,8 @@ class COTSLitModule(L.LightningModule):
         max_skip_fraction: stop when more than this fraction of training samples is unusable (None: never).
         compile: None runs eager; a dict (``{}`` for the defaults) ``torch.compile``s the towers with
             those options (see :meth:`COTSModel.compile_towers`).
+        lr_scale: learning-rate multipliers by parameter-name prefix (``optim.lr_scale``; see
+            :func:`cots.optim.param_groups`).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class COTSLitModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
         max_skip_fraction: float | None = 0.1,
         compile: Mapping | None = None,
+        lr_scale: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         if compile is not None:
@@ -60,6 +63,7 @@ class COTSLitModule(L.LightningModule):
         self.model = model
         self.objective = objective
         self.optimizer_factory = optimizer
+        self.lr_scale = dict(lr_scale or {})
         self.scheduler_factory = scheduler
         self.momentum = momentum
         self.momentum_schedule = momentum_schedule
@@ -126,8 +130,7 @@ class COTSLitModule(L.LightningModule):
         self.model.momentum_update(m)
 
     def configure_optimizers(self):
-        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
-        optimizer = self.optimizer_factory(param_groups(self.model, weight_decay))
+        optimizer = build_optimizer(self.optimizer_factory, self.model, self.lr_scale)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))

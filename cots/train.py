@@ -40,6 +40,7 @@ def build_module(cfg: DictConfig, text_vocab_size: int, tokenizer_json: str | No
         objective=objective,
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
+        lr_scale=cfg.optim.get("lr_scale"),
     )
     # Set after instantiate: Hydra would otherwise build every _target_ inside the config dict.
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
