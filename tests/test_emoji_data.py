@@ -192,6 +192,16 @@ def test_build_writes_manifests_and_rgb_images(sources: EmojiSources, tmp_path: 
     assert sorted(c for e in train if e["image"] == "images/google/1f44b-1f3fb.png" for c in [e["caption"]]) \
         == sorted(["waving hand: light skin tone", "hand, light skin tone"])
 
+    # Names only, one pair per image: train concepts, then train + val concepts; never a test concept.
+    train_names = json.loads((out / "train_names.json").read_text())
+    assert len(train_names) == counts["train_name_pairs"] == 6
+    assert {"image": "images/twitter/2764-fe0f.png", "caption": "red heart"} in train_names
+    assert {e["image"] for e in train_names} == {e["image"] for e in train}
+    trainval = json.loads((out / "trainval_names.json").read_text())
+    assert trainval == train_names + [{"image": "images/google/1f431.png", "caption": "cat face"},
+                                      {"image": "images/twitter/1f431.png", "caption": "cat face"}]
+    assert counts["trainval_name_pairs"] == 8
+
     test_twitter = json.loads((out / "test_twitter.json").read_text())
     assert test_twitter == [
         {"image": "images/twitter/1f44d.png", "caption": ["thumbs up"]},

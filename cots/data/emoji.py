@@ -42,7 +42,7 @@ from cots.data.npm_packages import NpmPackage, fetch_package
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the output layout or captions change, to force a rebuild
+FORMAT_VERSION = 3  # bump when the output layout or captions change, to force a rebuild
 SPLITS = ("train", "val", "test")
 OPEN_VENDORS = ("google", "twitter")
 RESTRICTED_VENDORS = ("apple", "facebook")
@@ -149,6 +149,7 @@ def _write_build(sources: EmojiSources, items: list[EmojiItem], tmp: Path, vendo
     no_image: Counter = Counter()
     groups: dict[str, set[str]] = {s: set() for s in SPLITS}
     name_pairs = 0
+    names: dict[str, list[dict]] = {"train": [], "val": []}  # one (image, CLDR name) pair per image
     for item in items:
         split = split_of(item.base)
         groups[split].add(item.base)
@@ -166,12 +167,18 @@ def _write_build(sources: EmojiSources, items: list[EmojiItem], tmp: Path, vendo
                 )
             composite_on_white(src, tmp / rel)
             images[split][vendor] += 1
+            if split in names:
+                names[split].append({"image": rel, "caption": item.name})
             if split == "train":
                 train.extend({"image": rel, "caption": c} for c in captions)
                 name_pairs += 1
             else:
                 evals[f"{split}_{vendor}"].append({"image": rel, "caption": captions})
     write_manifest(tmp / "train.json", train)
+    # Names only: the pairs of the open_clip reference (train + val concepts, 5,948 at 16.0.0);
+    # the test concepts stay out of both.
+    write_manifest(tmp / "train_names.json", names["train"])
+    write_manifest(tmp / "trainval_names.json", names["train"] + names["val"])
     for stem, entries in evals.items():
         write_manifest(tmp / f"{stem}.json", entries)
     return {
@@ -183,6 +190,7 @@ def _write_build(sources: EmojiSources, items: list[EmojiItem], tmp: Path, vendo
             "images": {s: {v: images[s][v] for v in vendors} for s in SPLITS},
             "train_pairs": len(train),
             "train_name_pairs": name_pairs,
+            "trainval_name_pairs": len(names["train"]) + len(names["val"]),
             "skipped_no_image": {v: no_image[v] for v in vendors},
         },
     }
@@ -237,7 +245,9 @@ def format_summary(info: dict) -> str:
         )
     lines.append(
         f"train pairs: {counts['train_pairs']} ({counts['train_name_pairs']} with the CLDR name, "
-        f"{counts['train_pairs'] - counts['train_name_pairs']} with keywords)"
+        f"{counts['train_pairs'] - counts['train_name_pairs']} with keywords); "
+        f"names only: train_names.json {counts['train_name_pairs']}, "
+        f"trainval_names.json {counts.get('trainval_name_pairs', '?')}"
     )
     lines.append(
         f"skipped: {counts['skipped_no_caption']} emoji without a CLDR caption; without an image: "
