@@ -31,14 +31,15 @@ train: install  ## the main job: build the emoji set (cached), pretrain, evaluat
 
 EMOJI_DVAE := tokenizers/artifacts/emoji_dvae.safetensors
 EMOJI_TOKENS := data/emoji/train_tokens.npy
+EMOJI_TRAIN := data/emoji/trainval_names.json  # what experiment=emoji_demo trains on
 
 $(EMOJI_DVAE):
 	$(BIN)/cots-data emoji --out data/emoji
-	$(BIN)/cots-tokenizer train --manifest data/emoji/train.json --out $@ --vocab-size 512 --n-hid 32 \
+	$(BIN)/cots-tokenizer train --manifest $(EMOJI_TRAIN) --out $@ --vocab-size 512 --n-hid 32 \
 		--n-blk-per-group 1 --input-size 64 --steps 900 --batch-size 16 --max-minutes 5
 
 $(EMOJI_TOKENS): $(EMOJI_DVAE)
-	$(BIN)/cots-tokenizer cache --manifest data/emoji/train.json --weights $(EMOJI_DVAE) --image-size 64 \
+	$(BIN)/cots-tokenizer cache --manifest $(EMOJI_TRAIN) --weights $(EMOJI_DVAE) --image-size 64 \
 		--patch-size 8 --out $@
 
 train-mvlm: install $(EMOJI_TOKENS)  ## the emoji demo with CMVM + CMLM: trains the emoji dVAE and its token cache when missing
