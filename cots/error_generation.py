@@ -50,7 +50,9 @@ def sample_replacements(
     """One replacement per position, drawn from the softmax over the generator's top-k ids.
 
     The original token and ``forbidden_ids`` (special tokens) are removed before the top-k, so a
-    replacement never equals the original and is never a special token.
+    replacement never equals the original and is never a special token. Non-finite scores (a
+    diverging generator) count as 0, so such a step still gets valid edits and the non-finite
+    guard of the training step, not this function, decides what happens to it.
 
     Args:
         logits: (M, V) the generator's scores at the M chosen positions.
@@ -62,13 +64,14 @@ def sample_replacements(
     """
     if top_k < 1:
         raise ValueError(f"objective.vilem.top_k must be at least 1, got {top_k}")
-    scores = logits.detach().float().clone()  # M x V
+    scores = logits.detach().float()  # M x V
+    scores = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
     forbidden = [i for i in set(int(i) for i in forbidden_ids) if 0 <= i < scores.shape[1]]
     scores[:, forbidden] = float("-inf")
     scores.scatter_(1, originals[:, None], float("-inf"))
     values, candidates = scores.topk(min(top_k, scores.shape[1]), dim=1)  # M x k
     if scores.shape[0] and not torch.isfinite(values[:, 0]).all():
-        raise ValueError("the generator's vocabulary has no allowed replacement for some position")
+        raise ValueError("the caption vocabulary has no allowed replacement (every other id is special)")
     probs = values.softmax(dim=1)  # -inf candidates (fewer allowed ids than k) get probability 0
     pick = torch.multinomial(probs.to(generator.device if generator is not None else probs.device), 1,
                              generator=generator).to(candidates.device)  # M x 1

@@ -52,9 +52,10 @@ class ViLEMSettings(LossTerm):
     ``ratio`` of each caption's tokens are replaced by a draw from the ``top_k`` of ``generator``
     ('cmlm': the model's own CMLM head, without gradient; or a local Hugging Face masked-LM
     directory sharing the caption vocabulary). ``layers`` (M1, None = half the text depth) and
-    ``num_heads`` shape the model's interaction (read by the model config). ``mask_id``, ``special_ids`` and ``vocab_size`` come
-    from the caption tokenizer (``cots-train`` fills them in). ``val_images``: validation scores
-    detection / correction on the captions of the first that many gallery images.
+    ``num_heads`` shape the model's interaction (read by the model config). ``mask_id``,
+    ``special_ids`` and ``vocab_size`` come from the caption tokenizer (``cots-train`` fills them
+    in). ``val_images``: validation scores detection / correction on the captions of the first
+    that many gallery images.
     """
 
     ratio: float = 0.15

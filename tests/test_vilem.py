@@ -92,6 +92,16 @@ def test_sampling_follows_the_generator_within_the_top_k():
     assert abs(float(counts[5]) - 0.7 / 0.9) < 0.02, counts
 
 
+def test_a_diverging_generator_still_gives_valid_edits():
+    logits = torch.full((6, 12), float("nan"))
+    logits[0] = float("inf")
+    originals = torch.arange(6) + 5
+    picks = sample_replacements(logits, originals, top_k=3, forbidden_ids=SPECIAL, generator=torch.Generator().manual_seed(0))
+    assert (picks != originals).all() and not torch.isin(picks, torch.tensor(SPECIAL)).any()
+    with pytest.raises(ValueError, match="no allowed replacement"):
+        sample_replacements(torch.randn(2, 6), torch.tensor([5, 5]), 3, forbidden_ids=SPECIAL)
+
+
 def test_vilem_loss_matches_a_float64_reference():
     gen = torch.Generator().manual_seed(0)
     ids, attention = _captions(batch=6)
