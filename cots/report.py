@@ -50,11 +50,20 @@ def _unnormalize(image: torch.Tensor) -> torch.Tensor:
     return (image * std + mean).clamp(0, 1).permute(1, 2, 0)
 
 
+def side_panel(curves: dict[str, list[tuple[int, float]]]) -> tuple[str, list[str]]:
+    """Title and curves of the panel beside the losses: validation rsum, or, for a run without
+    validation, the temperature and the AMF's filtered fraction."""
+    if "val/rsum" in curves:
+        return "validation rsum", ["val/rsum"]
+    keys = [k for k in ("train/temperature", "amf/filtered_fraction") if k in curves]
+    return "no validation run: temperature and AMF filtered fraction", keys
+
+
 def write_report(
     encoder, loaders, captions: list[str], metrics_csv: Path, out_png: Path, num_queries: int = 6, title: str = ""
 ) -> Path:
     """Draw ``num_queries`` evenly spaced gallery captions with their top-5 images (ground truth framed
-    green, others red) above the loss and validation-rsum curves."""
+    green, others red) above the loss curves and :func:`side_panel`."""
     image_emb, images, text_emb, text_to_image = embed_gallery(encoder, loaders)
     picks = torch.linspace(0, len(captions) - 1, num_queries).long().tolist()
     curves = read_curves(metrics_csv)
@@ -75,19 +84,22 @@ def write_report(
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(3)
     loss_ax = fig.add_subplot(grid[num_queries + 1, :3])
-    for key in ("train/loss", "train/inst", "train/task", "train/cmvm", "train/cmlm"):
+    for key in ("train/loss", "train/inst", "train/task", "train/cmvm", "train/cmlm", "train/vilem"):
         if key in curves:
             steps, values = zip(*curves[key])
             loss_ax.plot(steps, values, label=key)
     loss_ax.set_xlabel("step")
     loss_ax.set_title("training losses")
     loss_ax.legend(fontsize=8)
-    val_ax = fig.add_subplot(grid[num_queries + 1, 3:])
-    if "val/rsum" in curves:
-        steps, values = zip(*curves["val/rsum"])
-        val_ax.plot(steps, values, marker="o")
-    val_ax.set_xlabel("step")
-    val_ax.set_title("validation rsum")
+    side_ax = fig.add_subplot(grid[num_queries + 1, 3:])
+    side_title, side_keys = side_panel(curves)
+    for key in side_keys:
+        steps, values = zip(*curves[key])
+        side_ax.plot(steps, values, marker="o" if key == "val/rsum" else None, label=key)
+    side_ax.set_xlabel("step")
+    side_ax.set_title(side_title)
+    if side_keys:
+        side_ax.legend(fontsize=8)
     fig.suptitle(title or "text queries -> top-5 images (green: ground truth)")
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
