@@ -111,8 +111,8 @@ def main() -> None:
     for name, overrides in settings:
         print(f"\n=== {name}: {' '.join(overrides)}", flush=True)
         rows.append(run_row(name, [*common, *overrides], args.out))
-        columns = ["setting", *RETRIEVAL_KEYS, "amf_filtered_after_warmup", "vilem_det_acc", "vilem_det_majority", "vilem_cor_acc",
-                   "train_loss", "minutes"]
+        columns = ["setting", *RETRIEVAL_KEYS, "amf_filtered_after_warmup", "vilem_det_acc", "vilem_det_majority",
+                   "vilem_cor_acc", "train_loss", "minutes"]
         header = f"# Ablation: {args.steps} steps each, {' '.join(common)}"
         table = write_results(rows, args.out, "ablation", columns, header)  # after every row: partial results survive
     print(f"\n{header}\n\n{table}\n\nwrote {args.out / 'ablation.md'} and {args.out / 'ablation.json'}")
