@@ -53,6 +53,15 @@ def check_vilem(cfg: DictConfig) -> None:
     if generator == "cmlm" and not _enabled(cfg, "cmlm"):
         raise ConfigError("objective.vilem.generator=cmlm draws errors from the CMLM head: set objective.cmlm.enabled=true "
                           "(and data.text_mask), or objective.vilem.generator=<local masked-LM directory>")
+    if generator != "cmlm":
+        from cots.models.local_paths import resolve_local_dir
+
+        try:
+            directory = resolve_local_dir(generator)
+        except FileNotFoundError as err:
+            raise ConfigError(f"objective.vilem.generator: {err}") from err
+        if not (directory / "config.json").is_file():
+            raise ConfigError(f"objective.vilem.generator: no config.json in {directory} (a Hugging Face masked-LM dir)")
     if not 0 < float(vilem.get("ratio", 0.15)) <= 1:
         raise ConfigError(f"objective.vilem.ratio must be in (0, 1], got {vilem.get('ratio')}")
     if int(vilem.get("top_k", 10)) < 1:

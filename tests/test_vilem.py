@@ -240,9 +240,14 @@ def test_a_local_masked_lm_can_generate_the_errors(make_cfg, tmp_path):
         other.objective.edit_captions(other.model, ids, attention, torch.zeros(8, 48))
 
 
-def test_a_cmlm_generator_without_the_cmlm_term_is_refused_at_start_up(make_cfg):
+def test_a_generator_that_cannot_work_is_refused_at_start_up(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="objective.cmlm.enabled=true"):
         train(_vilem_cfg(make_cfg, "objective.cmlm.enabled=false"))
+    with pytest.raises(ConfigError, match="objective.vilem.generator: model directory not found"):
+        train(_vilem_cfg(make_cfg, f"objective.vilem.generator={tmp_path / 'missing'}"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        train(_vilem_cfg(make_cfg, f"objective.vilem.generator={tmp_path / 'empty'}"))
 
 
 def test_training_with_vilem_logs_its_terms_and_validation_accuracies(make_cfg):
