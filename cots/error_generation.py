@@ -67,11 +67,11 @@ def sample_replacements(
     scores = logits.detach().float()  # M x V
     scores = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
     forbidden = [i for i in set(int(i) for i in forbidden_ids) if 0 <= i < scores.shape[1]]
+    if scores.shape[1] - len(forbidden) < 2:  # from the shapes: no host sync in the training step
+        raise ValueError("the caption vocabulary has no allowed replacement (every other id is special)")
     scores[:, forbidden] = float("-inf")
     scores.scatter_(1, originals[:, None], float("-inf"))
     values, candidates = scores.topk(min(top_k, scores.shape[1]), dim=1)  # M x k
-    if scores.shape[0] and not torch.isfinite(values[:, 0]).all():
-        raise ValueError("the caption vocabulary has no allowed replacement (every other id is special)")
     probs = values.softmax(dim=1)  # -inf candidates (fewer allowed ids than k) get probability 0
     pick = torch.multinomial(probs.to(generator.device if generator is not None else probs.device), 1,
                              generator=generator).to(candidates.device)  # M x 1
