@@ -214,8 +214,12 @@ class COTSObjective(nn.Module):
             weights=weights,
             key_mask=key_mask,
             weight_sum=weight_sum,
+            query_groups=features.groups,
+            key_groups=model.key_groups_with_queue(features),
         )
         terms = {"inst": inst["loss"], "inst_i2t": inst["i2t"], "inst_t2i": inst["t2i"]}
+        if features.groups is not None:
+            terms["inst_positives"] = inst["positives"]
         terms["loss"] = self.inst.weight * inst["loss"]
         if self.task.enabled:
             # The queue rows of the concatenated keys: a copy, so the enqueue after this step cannot

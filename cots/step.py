@@ -51,9 +51,10 @@ def compute_step(model: COTSModel, objective: COTSObjective, batch: Mapping) -> 
     Args:
         batch: ``images`` (B, 3, H, W), ``input_ids`` / ``attention_mask`` (B, L); with CMVM
             ``patch_mask`` (B, P) and ``image_tokens`` (B, h, w) or ``images_dvae`` (B, 3, s, s);
-            with CMLM ``mlm_input_ids`` / ``mlm_labels`` (B, L).
+            with CMLM ``mlm_input_ids`` / ``mlm_labels`` (B, L); with ``data.pair_groups``
+            ``pair_groups`` (B,).
     """
-    features = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+    features = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch.get("pair_groups"))
     decision = objective.filter_pairs(features)
     masked, image_tokens = None, None
     if objective.token_level:

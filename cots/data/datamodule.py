@@ -44,6 +44,9 @@ class ImageTextDataModule(L.LightningDataModule):
             see :func:`cots.data.token_datasets.build_token_pairs`.
         text_mask: BERT masking of the captions for CMLM (``mask_prob``, ``replace_prob``,
             ``random_prob``), null for none.
+        pair_groups: null (one positive per pair, DESIGN §3), ``image`` (the captions of one image
+            are positives of each other in L_inst: COCO's five) or ``caption`` (one caption text on
+            several images, e.g. the emoji set's Google and Twitter renderings); see ``Collate``.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class ImageTextDataModule(L.LightningDataModule):
         shards_resampled: bool = False,
         samples_per_epoch: int | None = None,
         shuffle_buffer: int = 1000,
+        pair_groups: str | None = None,
     ) -> None:
         super().__init__()
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
@@ -93,6 +97,8 @@ class ImageTextDataModule(L.LightningDataModule):
         self.shard_args = {"resampled": shards_resampled, "samples_per_epoch": samples_per_epoch, "shuffle_buffer": shuffle_buffer}
         self.train_stream: ShardPairs | None = None
         self._resume_state: dict | None = None
+        Collate(None, pair_groups)  # checks the value now, not at the first batch
+        self.pair_groups = pair_groups
 
     # -- preparation (idempotent; safe to call from every rank) --------------------------
     def prepare_data(self) -> None:
@@ -139,9 +145,9 @@ class ImageTextDataModule(L.LightningDataModule):
         """Plain collate, or with the MVLM fields (tokens, dVAE views, patch masks, masked captions)."""
         tokenizer = self.build_text_tokenizer()
         if not (self.image_tokens or self.text_mask):
-            return Collate(tokenizer)
+            return Collate(tokenizer, self.pair_groups)
         masker = TextMasker.from_tokenizer(tokenizer, **self.text_mask) if self.text_mask else None
-        return MVLMCollate(tokenizer, masker)
+        return MVLMCollate(tokenizer, masker, self.pair_groups)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()

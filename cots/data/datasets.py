@@ -1,6 +1,7 @@
 """Datasets over manifest entries: training pairs and retrieval galleries."""
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable
 
@@ -81,7 +82,7 @@ class ImageTextPairs(Dataset):
                 skipped.append(bad.reason)
                 continue
             item.update(caption=self.pairs[pair_index][1], index=pair_index, skipped=skipped,
-                        noisy=bool(self.noisy[pair_index]))
+                        noisy=bool(self.noisy[pair_index]), image_id=self.pairs[pair_index][0])
             return item
         raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive unusable samples from index {index}: {Counter(skipped)}")
 
@@ -135,11 +136,39 @@ class GalleryCaptions(Dataset):
         return {"caption": self.captions[index], "index": index, "image_index": self.text_to_image[index]}
 
 
-class Collate:
-    """Stack images, tokenise captions, count skipped samples by reason."""
+PAIR_GROUPS = ("image", "caption")
 
-    def __init__(self, tokenizer: TextTokenizer) -> None:
+
+def caption_group(caption: str) -> int:
+    """A stable non-negative 63-bit id of a caption's text: equal on every rank, worker and run."""
+    digest = hashlib.blake2b(caption.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def pair_groups(items: list[dict], mode: str) -> torch.Tensor:
+    """(B,) long group of each training pair: its image (``image_id``) or its caption text."""
+    if mode == "image":
+        if "image_id" not in items[0]:
+            raise ValueError("data.pair_groups=image: these training samples carry no image id")
+        return torch.tensor([it["image_id"] for it in items], dtype=torch.long)
+    return torch.tensor([caption_group(it["caption"]) for it in items], dtype=torch.long)
+
+
+class Collate:
+    """Stack images, tokenise captions, count skipped samples by reason.
+
+    Args:
+        tokenizer: the caption tokenizer.
+        pair_groups: None, or ``image`` / ``caption``: training batches then carry ``pair_groups``
+            (B,), and pairs of one group (the captions of one image; one caption on several images)
+            are positives of each other in L_inst instead of negatives.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, pair_groups: str | None = None) -> None:
+        if pair_groups not in (None, *PAIR_GROUPS):
+            raise ValueError(f"data.pair_groups must be null, 'image' or 'caption', got {pair_groups!r}")
         self.tokenizer = tokenizer
+        self.pair_groups = pair_groups
 
     def __call__(self, items: list[dict]) -> dict:
         batch: dict = {"index": torch.tensor([it["index"] for it in items], dtype=torch.long)}
@@ -147,6 +176,8 @@ class Collate:
             batch["images"] = torch.stack([it["image"] for it in items])
         if "caption" in items[0]:
             batch["input_ids"], batch["attention_mask"] = self.tokenizer([it["caption"] for it in items])
+        if self.pair_groups and "caption" in items[0]:
+            batch["pair_groups"] = pair_groups(items, self.pair_groups)
         if "noisy" in items[0]:
             batch["is_noisy"] = torch.tensor([it["noisy"] for it in items], dtype=torch.bool)
         if "image_index" in items[0]:

@@ -259,7 +259,10 @@ class ShardPairs(IterableDataset):
             # restores no other (and torch.manual_seed costs ~1 ms in its wrappers).
             torch.default_generator.manual_seed(crop_seed & 0x7FFF_FFFF_FFFF_FFFF)
             image = self.transform(load_rgb(io.BytesIO(data)))
-        return {"image": image, "caption": caption, "index": int(sample["__key__"]), "skipped": []}
+        item = {"image": image, "caption": caption, "index": int(sample["__key__"]), "skipped": []}
+        if "json" in sample:  # the pair's image, for data.pair_groups=image
+            item["image_id"] = int(json.loads(sample["json"]).get("image_index", -1))
+        return item
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

@@ -141,10 +141,12 @@ class MVLMCollate(Collate):
     Args:
         tokenizer: the caption tokenizer.
         text_masker: BERT masking of the captions (None: the training step masks, or no CMLM).
+        pair_groups: as :class:`Collate`.
     """
 
-    def __init__(self, tokenizer: TextTokenizer, text_masker: TextMasker | None = None) -> None:
-        super().__init__(tokenizer)
+    def __init__(self, tokenizer: TextTokenizer, text_masker: TextMasker | None = None,
+                 pair_groups: str | None = None) -> None:
+        super().__init__(tokenizer, pair_groups)
         self.text_masker = text_masker
 
     def __call__(self, items: list[dict]) -> dict:

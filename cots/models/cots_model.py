@@ -33,6 +33,8 @@ class PairFeatures:
     image_keys: torch.Tensor  # G x D, momentum features of the global batch (rank order)
     text_keys: torch.Tensor  # G x D
     positive_index: torch.Tensor  # B, column of each local pair's own key among the G keys
+    groups: torch.Tensor | None = None  # B long, pair group of each local pair (data.pair_groups); None = none
+    key_groups: torch.Tensor | None = None  # G long, the groups of the global batch keys
 
 
 @dataclass
@@ -137,11 +139,13 @@ class COTSModel(nn.Module):
             self._ema_pairs = parameter_pairs(self.encoder, self.momentum_encoder)
         ema_update_(*self._ema_pairs, m)
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PairFeatures:
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                groups: torch.Tensor | None = None) -> PairFeatures:
         """Online features and gathered momentum keys for a batch.
 
         Args:
             images: (B, 3, H, W); input_ids, attention_mask: (B, L).
+            groups: (B,) long pair groups (pairs of one group are positives of each other), or None.
         """
         image = self.encoder.encode_image(images)
         text = self.encoder.encode_text(input_ids, attention_mask)
@@ -150,9 +154,10 @@ class COTSModel(nn.Module):
             text_m = self.momentum_encoder.encode_text(input_ids, attention_mask).embedding  # B x D
             image_keys = distributed.all_gather_no_grad(image_m)  # G x D
             text_keys = distributed.all_gather_no_grad(text_m)  # G x D
+            key_groups = None if groups is None else distributed.all_gather_no_grad(groups)  # G
         batch = images.shape[0]
         positive_index = distributed.rank() * batch + torch.arange(batch, device=images.device)
-        return PairFeatures(image, text, image_m, text_m, image_keys, text_keys, positive_index)
+        return PairFeatures(image, text, image_m, text_m, image_keys, text_keys, positive_index, groups, key_groups)
 
     def predict_masked(
         self,
@@ -231,7 +236,13 @@ class COTSModel(nn.Module):
         batch_valid = torch.ones(features.image_keys.shape[0], dtype=torch.bool, device=image_keys.device)
         return image_keys, text_keys, torch.cat([batch_valid, queue_valid])
 
+    def key_groups_with_queue(self, features: PairFeatures) -> torch.Tensor | None:
+        """The pair groups of [global batch keys ; queue] (G+K,), None when the batch carries no groups."""
+        if features.key_groups is None:
+            return None
+        return torch.cat([features.key_groups, self.feature_queue.groups.data])
+
     @torch.no_grad()
     def enqueue(self, features: PairFeatures) -> None:
         """Push the global batch's momentum features; identical on every rank."""
-        self.feature_queue.enqueue(features.image_keys, features.text_keys)
+        self.feature_queue.enqueue(features.image_keys, features.text_keys, features.key_groups)
