@@ -59,7 +59,7 @@ class Shape:
 
 
 SHAPES = {
-    "emoji": Shape(["experiment=emoji_demo"], note="ViT 64px/8 w256 d6 + MiniLM-L6, K=4096"),
+    "emoji": Shape(["experiment=emoji_demo", "model.queue_size=4096"], note="ViT 64px/8 w256 d6 + MiniLM-L6, K=4096"),
     "large": Shape(
         ["experiment=emoji_demo", "data.image_size=128", "model.encoder.image_tower.patch_size=16",
          "model.encoder.image_tower.embed_dim=384", "model.encoder.image_tower.depth=12",
