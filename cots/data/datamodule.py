@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from cots.data.datasets import Collate, GalleryCaptions, GalleryImages, ImageTextPairs
+from cots.data.datasets import Collate, GalleryCaptions, GalleryImages, ImageTextPairs, check_pair_groups
 from cots.data.images import build_eval_transform, build_train_transform
 from cots.data.manifest import ManifestEntry, load_manifest
 from cots.data.noise import write_noise_record
@@ -97,7 +97,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.shard_args = {"resampled": shards_resampled, "samples_per_epoch": samples_per_epoch, "shuffle_buffer": shuffle_buffer}
         self.train_stream: ShardPairs | None = None
         self._resume_state: dict | None = None
-        Collate(None, pair_groups)  # checks the value now, not at the first batch
+        check_pair_groups(pair_groups)  # now, not at the first batch
         self.pair_groups = pair_groups
 
     # -- preparation (idempotent; safe to call from every rank) --------------------------

@@ -145,6 +145,12 @@ def caption_group(caption: str) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def check_pair_groups(mode: str | None) -> None:
+    """Refuse a ``data.pair_groups`` value other than null, ``image`` or ``caption``."""
+    if mode not in (None, *PAIR_GROUPS):
+        raise ValueError(f"data.pair_groups must be null, 'image' or 'caption', got {mode!r}")
+
+
 def pair_groups(items: list[dict], mode: str) -> torch.Tensor:
     """(B,) long group of each training pair: its image (``image_id``) or its caption text."""
     if mode == "image":
@@ -165,8 +171,7 @@ class Collate:
     """
 
     def __init__(self, tokenizer: TextTokenizer, pair_groups: str | None = None) -> None:
-        if pair_groups not in (None, *PAIR_GROUPS):
-            raise ValueError(f"data.pair_groups must be null, 'image' or 'caption', got {pair_groups!r}")
+        check_pair_groups(pair_groups)
         self.tokenizer = tokenizer
         self.pair_groups = pair_groups
 
