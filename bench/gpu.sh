@@ -5,8 +5,8 @@
 # matmul rate measured in the same run (torch.mm 8192^3), peak memory. Runs bench/step.py.
 #
 #   bash bench/gpu.sh                        # batch 96 (experiment=cots_vitb384), 10 warm-up + 20 timed steps
-#   bash bench/gpu.sh --batch 64             # extra arguments go to bench/step.py (flags, then Hydra overrides)
-#   bash bench/gpu.sh --batch 64 +optim.optimizer.fused=true
+#   bash bench/gpu.sh --batch 64             # extra arguments go to bench/step.py (flags and Hydra overrides)
+#   bash bench/gpu.sh module.compile=null    # eager towers (cots_vitb384 compiles them, with fused AdamW)
 #   OUT=/some/dir bash bench/gpu.sh          # JSON and log go to $OUT (default logs/bench)
 #
 # The machine needs python3 with torch (CUDA), timm and transformers. hydra-core, omegaconf, antlr4 and
@@ -60,6 +60,8 @@ if gpu == "none":
 sys.exit(1 if missing else 0)
 PYEOF
 
+# The DALL-E encoder's weights (hundreds of MB) do not travel: the step takes dVAE tokens as from the
+# token cache (random ids). With weights on the machine, add data.image_tokens.source=online.
 timeout 450 "$PY" bench/step.py --device cuda --precision bf16 --shapes paper --warmup 10 --steps 20 \
-  --out "$OUT_DIR/step_paper_gpu.json" "$@" 2>&1 | tee "$OUT_DIR/step_paper_gpu.log"
+  --out "$OUT_DIR/step_paper_gpu.json" data.image_tokens.source=cache "$@" 2>&1 | tee "$OUT_DIR/step_paper_gpu.log"
 exit "${PIPESTATUS[0]}"

@@ -374,7 +374,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help=f"depth-1 towers, batch {DRY_RUN_BATCH}: a quick check")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every shape")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags and Hydra overrides in any order
     args.shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in args.shapes if s not in SHAPES]
     if unknown:
