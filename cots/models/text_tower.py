@@ -90,7 +90,8 @@ class TextTower(nn.Module):
         Returns:
             global feature: (B, W) ([CLS] state or masked mean, see ``pooling``); tokens: (B, L, W).
         """
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # B x L x W
+        mask = self._layer_attention_mask(attention_mask, None)
+        hidden = self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state  # B x L x W
         if self.pooling == "cls":
             return hidden[:, 0], hidden
         weights = attention_mask.to(hidden.dtype)[..., None]  # B x L x 1
@@ -125,10 +126,27 @@ class TextTower(nn.Module):
                 hidden = after_layer(i, hidden)
         return hidden
 
-    def _layer_attention_mask(self, attention_mask: torch.Tensor, hidden: torch.Tensor):
-        """The padding mask in the form this transformers release's BERT layers take."""
+    def _layer_attention_mask(self, attention_mask: torch.Tensor, hidden: torch.Tensor | None):
+        """The (B, L) padding mask in the form this transformers release's BERT layers take.
+
+        For SDPA and eager attention the (B, 1, L, L) mask is built here from the tensor alone:
+        transformers' own builder first asks whether any token is padding (``mask.all()``), a read
+        of the values on the host that stalls a GPU step, for each text pass (tests/test_host_sync.py).
+        ``hidden`` (B, L, W) is what the builder of other attention kinds needs; None in ``forward``.
+        """
         try:
             from transformers.masking_utils import create_bidirectional_mask
         except ImportError:  # transformers 4: an additive (B, 1, 1, L) mask
-            return self.bert.get_extended_attention_mask(attention_mask, attention_mask.shape)
+            return self.bert.get_extended_attention_mask(attention_mask, attention_mask.shape) if hidden is not None \
+                else attention_mask
+        batch, length = attention_mask.shape
+        keep = attention_mask.bool()[:, None, None, :].expand(batch, 1, length, length)  # B x 1 x L(query) x L(key)
+        implementation = self.bert.config._attn_implementation
+        if implementation == "sdpa":
+            return keep
+        if implementation == "eager":
+            dtype = self.bert.embeddings.word_embeddings.weight.dtype  # what transformers' builder takes
+            return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+        if hidden is None:
+            return attention_mask  # other kinds: transformers builds the mask
         return create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden, attention_mask=attention_mask)
