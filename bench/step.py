@@ -59,7 +59,7 @@ class Shape:
 
 
 SHAPES = {
-    "emoji": Shape(["experiment=emoji_demo", "model.queue_size=4096"], note="ViT 64px/8 w256 d6 + MiniLM-L6, K=4096"),
+    "emoji": Shape(["experiment=emoji_demo", "model.queue_size=4096"], batch=128, note="ViT 64px/8 w256 d6 + MiniLM-L6, K=4096"),
     "large": Shape(
         ["experiment=emoji_demo", "data.image_size=128", "model.encoder.image_tower.patch_size=16",
          "model.encoder.image_tower.embed_dim=384", "model.encoder.image_tower.depth=12",
@@ -261,19 +261,10 @@ def run_shape(name: str, args) -> list[dict]:
     shape = SHAPES[name]
     overrides = shape.overrides + (DRY_RUN_OVERRIDES if args.dry_run else []) + args.overrides
     cfg = compose_config(overrides)
-    from omegaconf import open_dict
-
     import cots.models.cots_model  # noqa: F401  (imported before the first phase, so that its memory is not the phase's)
     import cots.objective  # noqa: F401
 
-    with open_dict(cfg):
-        tower = cfg.model.encoder.text_tower
-        if not tower.pretrained and tower.vocab_size is None:
-            tower.vocab_size = cfg.data.text_tokenizer.vocab_size  # what build_module takes from the tokenizer
-        if cfg.objective.get("vilem") is not None:  # what build_module takes from the tokenizer, for ViLEM's edits
-            vocab_size = _vocab_size(cfg)
-            cfg.objective.vilem.mask_id, cfg.objective.vilem.special_ids = text_special_ids(vocab_size)
-            cfg.objective.vilem.vocab_size = vocab_size
+    fill_from_tokenizer(cfg)
     batch_size = args.batch or (DRY_RUN_BATCH if args.dry_run else shape.batch) or int(cfg.data.batch_size)
     text_len = min(args.text_len, int(cfg.data.text_tokenizer.max_length))
     vocab = _vocab_size(cfg)
@@ -286,6 +277,20 @@ def run_shape(name: str, args) -> list[dict]:
         row.update(shape=name, batch=batch_size, text_len=text_len, overrides=overrides, config=tower_details(cfg))
         rows.append(row)
     return rows
+
+
+def fill_from_tokenizer(cfg) -> None:
+    """What ``build_module`` takes from the tokenizer: the from-scratch text tower's vocabulary, ViLEM's ids."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        tower = cfg.model.encoder.text_tower
+        if not tower.pretrained and tower.vocab_size is None:
+            tower.vocab_size = cfg.data.text_tokenizer.vocab_size
+        if cfg.objective.get("vilem") is not None:
+            vocab_size = _vocab_size(cfg)
+            cfg.objective.vilem.mask_id, cfg.objective.vilem.special_ids = text_special_ids(vocab_size)
+            cfg.objective.vilem.vocab_size = vocab_size
 
 
 def _vocab_size(cfg) -> int:
