@@ -40,6 +40,16 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"data.{key} must be positive, got {cfg.data[key]}")
     check_token_level(cfg, patch)
     check_vilem(cfg)
+    check_fused_optimizer(cfg)
+
+
+def check_fused_optimizer(cfg: DictConfig) -> None:
+    """A fused optimizer unscales fp16 gradients itself, so Lightning cannot clip them first."""
+    fused = cfg.optim.optimizer.get("fused")
+    fp16 = str(cfg.trainer.get("precision")) in ("16", "16-mixed")
+    if fused and fp16 and cfg.trainer.get("gradient_clip_val"):
+        raise ConfigError("optim.optimizer.fused=true cannot be combined with trainer.precision=16-mixed and "
+                          "trainer.gradient_clip_val: use bf16-mixed, optim.optimizer.fused=null, or gradient_clip_val=null")
 
 
 def check_vilem(cfg: DictConfig) -> None:

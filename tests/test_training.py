@@ -128,9 +128,10 @@ def test_corrupt_checkpoint_is_named_in_the_error(make_cfg, tmp_path):
         ("model.encoder.image_tower.name=vit_does_not_exist", "model.encoder.image_tower.name"),
         ("data.val_manifest=/nonexistent/val.json", "data.val_manifest"),
         ("data.image_size=36", "data.image_size"),
+        ("optim.optimizer.fused=true trainer.precision=16-mixed", "optim.optimizer.fused"),
     ],
 )
 def test_bad_config_fails_before_training_naming_the_key(make_cfg, override, key, monkeypatch):
     monkeypatch.setattr(L.Trainer, "fit", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        train(make_cfg(override))
+        train(make_cfg(*override.split()))
