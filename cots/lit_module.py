@@ -129,6 +129,23 @@ class COTSLitModule(L.LightningModule):
         m = momentum_at(self.global_step, self.trainer.estimated_stepping_batches, self.momentum, self.momentum_schedule)
         self.model.momentum_update(m)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip here for a fused optimizer when no fp16 gradient scaler runs (bf16-mixed, fp32).
+
+        Lightning's mixed-precision plugin refuses to clip for any optimizer that can unscale gradients
+        itself (fused AdamW), bf16 included, where the gradients are never scaled and clipping them is
+        exact. With an fp16 scaler the config check refuses fused + clipping before training.
+        """
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False) and scaler is None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optimizer_factory, self.model, self.lr_scale)
         if self.scheduler_factory is None:

@@ -49,3 +49,15 @@ def test_lr_scale_reaches_the_trainer_from_the_config(make_cfg):
     optimizer = build_optimizer(module.optimizer_factory, module.model, module.lr_scale)
     rates = sorted({group["lr"] for group in optimizer.param_groups})
     assert rates == pytest.approx([1e-4, 4e-4])
+
+
+def test_fused_adamw_trains_under_bf16_autocast_with_gradient_clipping(make_cfg):
+    """Lightning refuses to clip for a fused optimizer under bf16-mixed; the module clips itself (exact: no scaler)."""
+    from cots.train import train
+
+    metrics, objects = train(make_cfg("optim.optimizer.fused=true", "trainer.precision=bf16-mixed",
+                                      "trainer.gradient_clip_val=1e-3", "trainer.max_steps=2"))
+    optimizer = objects["trainer"].optimizers[0]
+    assert optimizer.defaults["fused"] is True and objects["trainer"].global_step == 2
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    assert grads and torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 1e-3 * 1.01  # clipped
