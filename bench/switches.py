@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": machine_info(args.device), "args": vars(args), "rows": rows, "micro": micro,
               "table": table, "micro_table": micro_table}
     write_json(args.out, result)
+    if args.out is not None:
+        header = f"# Speed switches: {args.shape} shape, batch {args.batch_size}, {args.precision} on {args.device}"
+        args.out.with_suffix(".md").write_text(f"{header}\n\n{table}\n\n{micro_table}\n")
     return result
 
 
