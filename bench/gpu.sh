@@ -4,7 +4,7 @@
 # against the CLIP step on the same towers: ms/step, pairs/s, FLOPs, MFU against this card's bf16
 # matmul rate measured in the same run (torch.mm 8192^3), peak memory. Runs bench/step.py.
 #
-#   bash bench/gpu.sh                        # batch 96 (experiment=cots_vitb384), 10 warm-up + 20 timed steps
+#   bash bench/gpu.sh                        # batch 128 (experiment=cots_vitb384), 10 warm-up + 20 timed steps
 #   bash bench/gpu.sh --batch 64             # extra arguments go to bench/step.py (flags and Hydra overrides)
 #   bash bench/gpu.sh module.compile=null    # eager towers (cots_vitb384 compiles them, with fused AdamW)
 #   OUT=/some/dir bash bench/gpu.sh          # JSON and log go to $OUT (default logs/bench)
