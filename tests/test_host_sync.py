@@ -45,17 +45,22 @@ def test_the_guard_catches_a_host_read():
         torch.ones(3)[torch.tensor([True, False, True])]
 
 
-@pytest.mark.parametrize("objective", ["default", "contrastive_only"])
-def test_training_step_reads_no_tensor_value_on_the_host(make_cfg, objective):
-    """Forward (online + momentum), AMF, L_inst + L_task, enqueue, backward, EMA: all without host reads."""
-    module = build_module(make_cfg(f"objective={objective}", "objective.task.enabled=true"
-                                   if objective == "default" else "objective.task.enabled=false"), 200, None)
+@pytest.mark.parametrize("overrides", [
+    ["objective=default", "objective.task.enabled=true", "objective.amf.queue_size=16"],  # AMF filters from step 3
+    ["objective=contrastive_only"],
+])
+def test_training_step_reads_no_tensor_value_on_the_host(make_cfg, overrides):
+    """Forward (online + momentum), AMF, L_inst (+ pair groups) + L_task, enqueue, backward, EMA: no host reads."""
+    module = build_module(make_cfg(*overrides), 200, None)
     model, objective_module = module.model.train(), module.objective
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 200, (8, 9), generator=gen)
     ids[:, 0], ids[:, -1] = 2, 3
-    batch = {"images": torch.randn(8, 3, 32, 32, generator=gen), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    mask = torch.ones_like(ids)
+    mask[1, 5:], ids[1, 4] = 0, 3  # one shorter caption: padding in the batch
+    batch = {"images": torch.randn(8, 3, 32, 32, generator=gen), "input_ids": ids * mask, "attention_mask": mask,
+             "pair_groups": torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])}  # (B,): pairs 0-1 and 4-5 share a group
     for _ in range(3):  # the queues and the AMF statistics fill up over the steps
         with NoHostReads():
             out = compute_step(model, objective_module, batch)
@@ -66,6 +71,8 @@ def test_training_step_reads_no_tensor_value_on_the_host(make_cfg, objective):
         with NoHostReads():
             model.momentum_update(0.99)
     assert torch.isfinite(out.terms["loss"])
+    if out.decision is not None:
+        assert bool(out.decision.active)  # the filter ran full, not only its warm-up
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
