@@ -2,14 +2,14 @@
 
     python bench/switches.py                                  # emoji shape, CPU, bf16 autocast
     python bench/switches.py --compile                        # + a row with the towers under torch.compile
-    python bench/switches.py --device cuda --shape paper      # on a GPU (bench/gpu.sh carries the wheels)
+    python bench/switches.py --device cuda --shape paper module.compile=null   # on a GPU, eager rows
     python bench/switches.py --out logs/bench/switches.json
 
 Rows, each the full COTS step of ``bench/step.py`` (forward, objective, backward, AdamW, EMA) with
 one thing changed against the first row, the shape's experiment as configured: SDPA attention in
 both towers, the ``_foreach`` EMA, and the experiment's AdamW (``emoji_demo``: fused).
 The first row is measured again last, so that the drift of the machine during the run is in the table.
-Two micro rows time the pieces that a whole step hides in its noise: one EMA update of the model's
+Micro rows time the pieces that a whole step hides in its noise: one EMA update of the model's
 parameters (``_foreach`` against a per-tensor loop) and one ``optimizer.step`` (per-tensor loop,
 ``foreach``, ``fused``), on the same parameters. The token cache against the online dVAE is
 ``bench/step.py`` with ``data=emoji_tokens objective=mvlm data.image_tokens.source=cache|online``.
