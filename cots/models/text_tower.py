@@ -90,8 +90,8 @@ class TextTower(nn.Module):
         Returns:
             global feature: (B, W) ([CLS] state or masked mean, see ``pooling``); tokens: (B, L, W).
         """
-        mask = self._layer_attention_mask(attention_mask, None)
-        hidden = self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state  # B x L x W
+        mask = self._padding_mask(attention_mask)  # None: BERT builds it from the (B, L) mask
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask if mask is None else mask).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0], hidden
         weights = attention_mask.to(hidden.dtype)[..., None]  # B x L x 1
@@ -118,7 +118,9 @@ class TextTower(nn.Module):
         hidden = self.bert.embeddings(input_ids=input_ids)  # B x L x W
         if embedding_offset is not None:
             hidden = hidden + embedding_offset[:, None, :].to(hidden.dtype)
-        mask = self._layer_attention_mask(attention_mask, hidden)
+        mask = self._padding_mask(attention_mask)
+        if mask is None:
+            mask = self._bert_layer_mask(attention_mask, hidden)
         for i, layer in enumerate(self.bert.encoder.layer[:num_layers]):
             out = layer(hidden, mask)
             hidden = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
@@ -126,19 +128,17 @@ class TextTower(nn.Module):
                 hidden = after_layer(i, hidden)
         return hidden
 
-    def _layer_attention_mask(self, attention_mask: torch.Tensor, hidden: torch.Tensor | None):
-        """The (B, L) padding mask in the form this transformers release's BERT layers take.
+    def _padding_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The (B, 1, L, L) padding mask for SDPA or eager attention, built from the (B, L) tensor alone.
 
-        For SDPA and eager attention the (B, 1, L, L) mask is built here from the tensor alone:
-        transformers' own builder first asks whether any token is padding (``mask.all()``), a read
-        of the values on the host that stalls a GPU step, for each text pass (tests/test_host_sync.py).
-        ``hidden`` (B, L, W) is what the builder of other attention kinds needs; None in ``forward``.
+        transformers' own builder first asks whether any token is padding (``mask.all()``), a read of the
+        values on the host that stalls a GPU step, in each text pass (tests/test_host_sync.py). None for
+        other attention kinds and for transformers 4, whose builders take over.
         """
         try:
-            from transformers.masking_utils import create_bidirectional_mask
-        except ImportError:  # transformers 4: an additive (B, 1, 1, L) mask
-            return self.bert.get_extended_attention_mask(attention_mask, attention_mask.shape) if hidden is not None \
-                else attention_mask
+            import transformers.masking_utils  # noqa: F401  (transformers 5: layers take a 4-D mask)
+        except ImportError:
+            return None
         batch, length = attention_mask.shape
         keep = attention_mask.bool()[:, None, None, :].expand(batch, 1, length, length)  # B x 1 x L(query) x L(key)
         implementation = self.bert.config._attn_implementation
@@ -147,6 +147,12 @@ class TextTower(nn.Module):
         if implementation == "eager":
             dtype = self.bert.embeddings.word_embeddings.weight.dtype  # what transformers' builder takes
             return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
-        if hidden is None:
-            return attention_mask  # other kinds: transformers builds the mask
+        return None
+
+    def _bert_layer_mask(self, attention_mask: torch.Tensor, hidden: torch.Tensor):
+        """transformers' own mask for its BERT layers, from the (B, L) mask and the (B, L, W) embeddings."""
+        try:
+            from transformers.masking_utils import create_bidirectional_mask
+        except ImportError:  # transformers 4: an additive (B, 1, 1, L) mask
+            return self.bert.get_extended_attention_mask(attention_mask, attention_mask.shape)
         return create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden, attention_mask=attention_mask)
