@@ -93,6 +93,9 @@ class COTSObjective(nn.Module):
         task: switch, weight, direction and temperature of the task-level KL.
         amf: switch, ``k`` and ``queue_size`` of the Adaptive Momentum Filter.
         cmvm, cmlm: switch and weight of the masked vision / language modeling terms.
+        masked_pairs: the masked passes (CMVM / CMLM) read the first this many pairs of each local
+            batch; None = all. Each masked pass costs about an unmasked one: on a small compute budget a
+            part of the batch keeps the token-level terms and buys more steps.
         vilem: ViLEM error modeling, see :class:`ViLEMSettings`.
         image_tokenizer: ``data.image_tokens``, for the online path (batches carrying ``images_dvae``):
             see :class:`OnlineImageTokens`; the dVAE is built on first use, outside the state dict.
@@ -101,7 +104,7 @@ class COTSObjective(nn.Module):
     def __init__(self, inst: Mapping | LossTerm | None = None, task: Mapping | TaskTerm | None = None,
                  amf: Mapping | AMFSettings | None = None, cmvm: Mapping | LossTerm | None = None,
                  cmlm: Mapping | LossTerm | None = None, image_tokenizer: Mapping | None = None,
-                 vilem: Mapping | ViLEMSettings | None = None) -> None:
+                 vilem: Mapping | ViLEMSettings | None = None, masked_pairs: int | None = None) -> None:
         super().__init__()
         self.inst = _settings(LossTerm, inst, default_enabled=True)
         self.task = _settings(TaskTerm, task, default_enabled=False)
@@ -109,6 +112,9 @@ class COTSObjective(nn.Module):
         self.cmvm = _settings(LossTerm, cmvm, default_enabled=False)
         self.cmlm = _settings(LossTerm, cmlm, default_enabled=False)
         self.vilem = _settings(ViLEMSettings, vilem, default_enabled=False)
+        if masked_pairs is not None and not (isinstance(masked_pairs, int) and masked_pairs >= 1):
+            raise ValueError(f"objective.masked_pairs must be a positive integer or null (all pairs), got {masked_pairs!r}")
+        self.masked_pairs = masked_pairs
         self._error_generator: MaskedLMGenerator | None = None  # a plain attribute: frozen, not checkpointed
         # A plain attribute, not a submodule: the frozen dVAE is no part of the trained state.
         self.online_tokens: OnlineImageTokens | None = None
@@ -195,7 +201,7 @@ class COTSObjective(nn.Module):
         Args:
             weights: (B,) per-pair positive weights (AMF), None = all ones.
             masked: the masked passes' logits (``model.predict_masked``) when CMVM or CMLM is on.
-            image_tokens: (B, h, w) CMVM targets (``image_targets``).
+            image_tokens: (B_m, h, w) CMVM targets of the pairs the masked passes read (``image_targets``).
             errors: ViLEM's edited captions and the model's predictions on them, when ViLEM is on.
         """
         image_keys, text_keys, key_mask = model.keys_with_queue(features)

@@ -45,6 +45,13 @@ def masked_inputs(objective: COTSObjective, batch: Mapping) -> dict[str, torch.T
     return inputs
 
 
+def first_pairs(batch: Mapping, pairs: int | None) -> Mapping:
+    """The batch's first ``pairs`` pairs (every tensor cut along dim 0); the batch itself when None."""
+    if pairs is None:
+        return batch
+    return {key: value[:pairs] if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
 def compute_step(model: COTSModel, objective: COTSObjective, batch: Mapping) -> StepOutput:
     """The losses of one training step (nothing enqueued yet: see :func:`enqueue_step`).
 
@@ -52,14 +59,15 @@ def compute_step(model: COTSModel, objective: COTSObjective, batch: Mapping) -> 
         batch: ``images`` (B, 3, H, W), ``input_ids`` / ``attention_mask`` (B, L); with CMVM
             ``patch_mask`` (B, P) and ``image_tokens`` (B, h, w) or ``images_dvae`` (B, 3, s, s);
             with CMLM ``mlm_input_ids`` / ``mlm_labels`` (B, L); with ``data.pair_groups``
-            ``pair_groups`` (B,).
+            ``pair_groups`` (B,). The masked passes read the first ``objective.masked_pairs`` pairs.
     """
     features = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch.get("pair_groups"))
     decision = objective.filter_pairs(features)
     masked, image_tokens = None, None
     if objective.token_level:
-        masked = model.predict_masked(features, **masked_inputs(objective, batch))
-        image_tokens = objective.image_targets(batch) if objective.cmvm.enabled else None
+        head = first_pairs(batch, objective.masked_pairs)  # B_m <= B pairs
+        masked = model.predict_masked(features, **masked_inputs(objective, head))
+        image_tokens = objective.image_targets(head) if objective.cmvm.enabled else None
     errors = None
     if objective.vilem.enabled:  # training only: retrieval features above never see ViLEM's interaction
         edited = objective.edit_captions(model, batch["input_ids"], batch["attention_mask"], features.image.cls)

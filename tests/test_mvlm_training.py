@@ -179,6 +179,26 @@ def test_token_terms_train_the_mask_embedding_the_fusions_and_the_tied_decoder(m
     assert all(p.grad is None for p in model.momentum_encoder.parameters())
 
 
+def test_masked_pairs_run_the_token_terms_on_the_first_pairs_with_their_own_fusion_rows(make_cfg):
+    torch.manual_seed(0)
+    cfg = with_tokens(make_cfg("objective=mvlm", "objective.masked_pairs=2"), {**ONLINE_TOKENS, "source": "cache"})
+    module = build_module(cfg, 200, None)
+    model, objective = module.model.eval(), module.objective  # eval: no dropout, each pair's pass its own
+    batch = _hand_batch(model)  # 4 pairs
+    with torch.no_grad():
+        part = compute_step(model, objective, batch)
+        assert part.masked.patch_mask.shape[0] == 2 and part.masked.mlm_labels.shape[0] == 2
+        assert part.masked.cmvm_logits.shape[0] == batch["patch_mask"][:2].sum()
+        # The same terms as a batch of those two pairs alone with every pair masked.
+        objective.masked_pairs = None
+        alone = compute_step(model, objective, {key: value[:2] for key, value in batch.items()})
+    for name in ("cmvm", "cmlm", "cmvm_acc", "cmlm_acc"):
+        assert torch.allclose(part.terms[name], alone.terms[name], atol=1e-6), name
+    with pytest.raises(Exception, match="objective.masked_pairs must be a positive integer"):  # via hydra
+        build_module(with_tokens(make_cfg("objective=mvlm", "objective.masked_pairs=0"),
+                                 {**ONLINE_TOKENS, "source": "cache"}), 200, None)
+
+
 def test_token_losses_divide_by_the_global_mean_count(make_cfg, monkeypatch):
     torch.manual_seed(0)
     module = build_module(with_tokens(make_cfg("objective=mvlm"), {**ONLINE_TOKENS, "source": "cache"}), 200, None)

@@ -42,9 +42,9 @@ class MaskedPredictions:
     """Logits of the masked positions (DESIGN §4); a field is None when its term is off."""
 
     cmvm_logits: torch.Tensor | None = None  # M_v x V_img, masked patches in row-major batch order
-    patch_mask: torch.Tensor | None = None  # B x P bool, True = patch replaced by [MASK]
+    patch_mask: torch.Tensor | None = None  # B_m x P bool (B_m <= B pairs read), True = patch replaced by [MASK]
     cmlm_logits: torch.Tensor | None = None  # M_t x V_txt, masked tokens in row-major batch order
-    mlm_labels: torch.Tensor | None = None  # B x L, original id at masked tokens, -100 elsewhere
+    mlm_labels: torch.Tensor | None = None  # B_m x L, original id at masked tokens, -100 elsewhere
 
 
 @dataclass
@@ -172,24 +172,28 @@ class COTSModel(nn.Module):
 
         Each masked state is fused with the paired modality's global feature from the unmasked
         pass of ``features`` (with gradient). Retrieval embeddings never pass through here.
+        The masked inputs may hold the first B_m <= B pairs of the batch (``objective.masked_pairs``);
+        they are fused with the same rows of ``features``.
 
         Args:
-            features: this step's unmasked pass (``forward``).
-            images, patch_mask: (B, 3, H, W) and (B, P) bool for CMVM (both or neither).
-            mlm_input_ids, attention_mask, mlm_labels: (B, L) each for CMLM (all or none).
+            features: this step's unmasked pass (``forward``) of B pairs.
+            images, patch_mask: (B_m, 3, H, W) and (B_m, P) bool for CMVM (both or neither).
+            mlm_input_ids, attention_mask, mlm_labels: (B_m, L) each for CMLM (all or none).
         """
         out = MaskedPredictions()
         if patch_mask is not None:
             if self.cmvm_head is None:
                 raise ValueError("a patch mask was given but the model has no CMVM head (model.cmvm_head=false)")
-            _, patches = self.encoder.image_tower(images, patch_mask)  # B x P x W_v
-            out.cmvm_logits = self.cmvm_head(patches, features.text.cls, patch_mask)  # M_v x V_img
+            _, patches = self.encoder.image_tower(images, patch_mask)  # B_m x P x W_v
+            text_global = features.text.cls[: len(patch_mask)]  # B_m x W_t
+            out.cmvm_logits = self.cmvm_head(patches, text_global, patch_mask)  # M_v x V_img
             out.patch_mask = patch_mask
         if mlm_labels is not None:
             if self.cmlm_head is None:
                 raise ValueError("MLM labels were given but the model has no CMLM head (model.cmlm_head=false)")
-            _, states = self.encoder.text_tower(mlm_input_ids, attention_mask)  # B x L x W_t
-            out.cmlm_logits = self.cmlm_head(states, features.image.cls, mlm_labels != IGNORE_INDEX)  # M_t x V_txt
+            _, states = self.encoder.text_tower(mlm_input_ids, attention_mask)  # B_m x L x W_t
+            image_global = features.image.cls[: len(mlm_labels)]  # B_m x W_v
+            out.cmlm_logits = self.cmlm_head(states, image_global, mlm_labels != IGNORE_INDEX)  # M_t x V_txt
             out.mlm_labels = mlm_labels
         return out
 
