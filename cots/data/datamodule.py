@@ -265,8 +265,10 @@ class ImageTextDataModule(L.LightningDataModule):
         tokens = self.image_tokens or {}
         weights = tokens.get("weights")
         if weights and not Path(weights).is_file():
-            problems.append(f"data.image_tokens.weights: file not found: {weights} (official DALL-E weights: "
-                            f"`cots-tokenizer convert --pkl encoder.pkl --out {weights}`)")
+            problems.append(f"data.image_tokens.weights: file not found: {weights} (train one: `cots-tokenizer "
+                            f"train --manifest {self.manifests['train']} --out {weights}`, as `make train` does for "
+                            f"the emoji demo; official DALL-E weights: `cots-tokenizer convert --pkl encoder.pkl "
+                            f"--out {weights}`)")
         if tokens.get("source") == "cache" and tokens.get("cache"):
             if not all(path.is_file() for path in cache_paths(tokens["cache"])):
                 problems.append(f"data.image_tokens.cache: token cache not found or incomplete: {tokens['cache']} "
