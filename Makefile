@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export TOKENIZERS_PARALLELISM ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install test test-fast emoji-data train smoke clean clean-dvae
+.PHONY: help install test test-fast emoji-data train train-mvlm smoke clean clean-dvae
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -28,18 +28,21 @@ test-fast: install  ## the suite without the slow-marked runs
 emoji-data: install  ## build the emoji image-text set (npm packages cached; checked and reused when built)
 	$(BIN)/cots-data emoji --out data/emoji
 
-# The emoji dVAE behind the demo's CMVM targets (64 px -> 8x8 tokens, 512 codes), trained once when
-# missing: 600 steps of 16 images, about 1.9 min here (`make clean-dvae` removes it).
+# The emoji dVAE behind CMVM's targets in experiment=emoji_mvlm (64 px -> 8x8 tokens, 512 codes),
+# trained once when missing: 600 steps of 16 images, about 1.8 min here (`make clean-dvae` removes it).
 EMOJI_DVAE := tokenizers/artifacts/emoji_dvae.safetensors
-# What experiment=emoji_demo trains on.
+# What experiment=emoji_demo (and emoji_mvlm) trains on.
 EMOJI_TRAIN := data/emoji/trainval_names.json
 
 $(EMOJI_DVAE): | emoji-data
 	$(BIN)/cots-tokenizer train --manifest $(EMOJI_TRAIN) --out $@ --vocab-size 512 --n-hid 32 \
 		--n-blk-per-group 1 --input-size 64 --steps 600 --batch-size 16 --lr 2e-3
 
-train: install emoji-data $(EMOJI_DVAE)  ## the main job: emoji set (cached), its dVAE when missing, pretrain, evaluate on held-out concepts, report
+train: install emoji-data  ## the main job: build the emoji set (cached), pretrain, evaluate on held-out concepts, report
 	$(BIN)/cots-train experiment=emoji_demo
+
+train-mvlm: install emoji-data $(EMOJI_DVAE)  ## the emoji demo with CMVM + CMLM; trains the emoji dVAE first when missing
+	$(BIN)/cots-train experiment=emoji_mvlm
 
 smoke: install  ## tiny towers on synthetic shapes, under a minute
 	$(BIN)/cots-train experiment=smoke
@@ -47,5 +50,5 @@ smoke: install  ## tiny towers on synthetic shapes, under a minute
 clean:  ## remove logs and built data (keeps .venv and the emoji dVAE)
 	rm -rf logs outputs data/synthetic
 
-clean-dvae:  ## remove the emoji dVAE (the next `make train` trains it again)
+clean-dvae:  ## remove the emoji dVAE (the next `make train-mvlm` trains it again)
 	rm -f $(EMOJI_DVAE) $(basename $(EMOJI_DVAE))_recon.png $(basename $(EMOJI_DVAE))_metrics.json
