@@ -51,4 +51,4 @@ clean:  ## remove logs and built data (keeps .venv and the emoji dVAE)
 	rm -rf logs outputs data/synthetic
 
 clean-dvae:  ## remove the emoji dVAE (the next `make train-mvlm` trains it again)
-	rm -f $(EMOJI_DVAE) $(basename $(EMOJI_DVAE))_recon.png $(basename $(EMOJI_DVAE))_metrics.json
+	rm -f $(EMOJI_DVAE) $(basename $(EMOJI_DVAE))_recon.png $(basename $(EMOJI_DVAE))_metrics.json  # all untracked

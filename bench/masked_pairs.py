@@ -65,6 +65,7 @@ def main() -> None:
         raise SystemExit(f"experiment={args.experiment} has no token level (objective.cmvm / objective.cmlm)")
     loader = iter(datamodule.train_dataloader())
     batches = [next(loader) for _ in range(args.steps + 1)]
+    del loader  # its worker would keep prefetching while the rows are timed
     params = [p for p in model.parameters() if p.requires_grad]
     rows = []
     for name, pairs, token_level in SETTINGS:

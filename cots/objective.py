@@ -112,7 +112,7 @@ class COTSObjective(nn.Module):
         self.cmvm = _settings(LossTerm, cmvm, default_enabled=False)
         self.cmlm = _settings(LossTerm, cmlm, default_enabled=False)
         self.vilem = _settings(ViLEMSettings, vilem, default_enabled=False)
-        if masked_pairs is not None and not (isinstance(masked_pairs, int) and masked_pairs >= 1):
+        if masked_pairs is not None and not (type(masked_pairs) is int and masked_pairs >= 1):
             raise ValueError(f"objective.masked_pairs must be a positive integer or null (all pairs), got {masked_pairs!r}")
         self.masked_pairs = masked_pairs
         self._error_generator: MaskedLMGenerator | None = None  # a plain attribute: frozen, not checkpointed

@@ -266,7 +266,8 @@ class ImageTextDataModule(L.LightningDataModule):
         weights = tokens.get("weights")
         if weights and not Path(weights).is_file():
             problems.append(f"data.image_tokens.weights: file not found: {weights} (train one: `cots-tokenizer "
-                            f"train --manifest {self.manifests['train']} --out {weights}`, as `make train-mvlm` does "
+                            f"train --manifest {self.manifests['train']} --vocab-size {tokens.get('vocab_size')} "
+                            f"--input-size {tokens.get('dvae_input_size')} --out {weights}`, as `make train-mvlm` does "
                             f"for the emoji dVAE; official DALL-E weights: `cots-tokenizer convert --pkl encoder.pkl "
                             f"--out {weights}`)")
         if tokens.get("source") == "cache" and tokens.get("cache"):
