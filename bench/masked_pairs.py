@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import compose_config, machine_info, markdown_table, write_json  # noqa: E402
+from measure import autocast, compose_config, machine_info, markdown_table, time_calls, write_json  # noqa: E402
 
 from cots.step import compute_step  # noqa: E402
 from cots.train import build_module  # noqa: E402
@@ -31,16 +30,16 @@ SETTINGS = [("token level off", None, False), ("8 pairs", 8, True), ("16 pairs",
 
 def time_step(model, objective, batches: list[dict], params: list[torch.Tensor]) -> float:
     """Median ms of forward + objective + backward over ``batches[1:]`` (the first is a warm-up)."""
-    seconds = []
-    for batch in batches:
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = compute_step(model, objective, batch).terms["loss"]
+    batch_stream = iter(batches)
+
+    def step() -> None:
+        with autocast("cpu", "bf16"):
+            loss = compute_step(model, objective, next(batch_stream)).terms["loss"]
         loss.backward()
-        seconds.append(time.perf_counter() - start)
         for param in params:
             param.grad = None
-    return 1000 * statistics.median(seconds[1:])
+
+    return 1000 * statistics.median(time_calls(step, "cpu", 1, len(batches) - 1))
 
 
 def main() -> None:
