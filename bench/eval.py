@@ -87,7 +87,9 @@ def timed_chunks(chunks, num_chunks: int, max_seconds: float, sample: int) -> di
         seconds = sum(times)
     else:
         seconds = times[0] + (num_chunks - 1) * statistics.median(times[1:])
-    return {"seconds": seconds, "chunks_measured": done, "chunks": num_chunks, "ranks": torch.cat(ranks)}
+    from cots.eval.retrieval import QueryRanks
+
+    return {"seconds": seconds, "chunks_measured": done, "chunks": num_chunks, "ranks": QueryRanks.cat(ranks)}
 
 
 def score_chunked(num_images: int, budget_mb: float, max_seconds: float, sample: int) -> dict:
@@ -112,7 +114,7 @@ def score_chunked(num_images: int, budget_mb: float, max_seconds: float, sample:
 
 
 def score_naive(num_images: int) -> dict:
-    from cots.eval.retrieval import recall_table
+    from cots.eval.retrieval import QueryRanks, recall_table
 
     images, texts, text_to_image = random_gallery(num_images)
     num_texts = texts.shape[0]
@@ -132,6 +134,8 @@ def score_naive(num_images: int) -> dict:
         t2i = position[text_to_image, columns]
         del position, scores
         seconds = time.perf_counter() - start
+    zeros, ones = torch.zeros_like(i2t), torch.ones_like(i2t)  # argsort breaks ties: none in random data
+    i2t, t2i = QueryRanks(i2t, zeros, ones), QueryRanks(t2i, torch.zeros_like(t2i), torch.ones_like(t2i))
     return {"seconds": seconds, "rsum": recall_table(i2t, t2i)["rsum"], **memory.as_dict()}
 
 

@@ -13,6 +13,8 @@ from cots.eval.retrieval import (
     text_to_image_ranks,
 )
 
+RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
 
 def brute_force(scores: np.ndarray, text_to_image: np.ndarray) -> dict[str, float]:
     n_img, n_txt = scores.shape
@@ -75,7 +77,10 @@ def test_memory_budget_sets_the_chunk_and_leaves_ranks_unchanged():
     for ranks in (image_to_text_ranks, text_to_image_ranks):
         tiny = ranks(images, texts, text_to_image, chunk_size=None, memory_budget_mb=1e-4)
         big = ranks(images, texts, text_to_image, chunk_size=None, memory_budget_mb=512)
-        assert torch.equal(tiny, big) and torch.equal(big, ranks(images, texts, text_to_image, chunk_size=5))
+        chunked = ranks(images, texts, text_to_image, chunk_size=5)
+        for field in ("better", "tied", "positives"):
+            assert torch.equal(getattr(tiny, field), getattr(big, field))
+            assert torch.equal(getattr(big, field), getattr(chunked, field))
     tiny = retrieval_metrics(images, texts, text_to_image, memory_budget_mb=1e-4)
     assert tiny == retrieval_metrics(images, texts, text_to_image, memory_budget_mb=512)
     assert 0 < tiny["i2t_r1"] < 100 and 0 < tiny["t2i_r1"] < 100
@@ -84,7 +89,66 @@ def test_memory_budget_sets_the_chunk_and_leaves_ranks_unchanged():
 def test_images_without_captions_rank_last():
     images, texts = torch.randn(4, 8), torch.randn(6, 8)
     text_to_image = torch.tensor([0, 0, 1, 1, 3, 3])  # image 2 has no caption
-    assert image_to_text_ranks(images, texts, text_to_image, chunk_size=3)[2] == 6
+    ranks = image_to_text_ranks(images, texts, text_to_image, chunk_size=3)
+    assert ranks.better[2] == 6 and ranks.positives[2] == 0  # never found, at any K
+
+
+@pytest.mark.parametrize("captions_per_image", [1, 5])
+@pytest.mark.parametrize("chunk", [3, None])
+def test_a_collapsed_model_scores_chance_not_perfect(captions_per_image, chunk):
+    """Identical embeddings tie every candidate with the ground truth: expected recall = chance, exactly."""
+    n_img = 100 if captions_per_image == 1 else 20
+    images = torch.ones(n_img, 8) / 8**0.5
+    texts = torch.ones(n_img * captions_per_image, 8) / 8**0.5
+    text_to_image = torch.arange(n_img).repeat_interleave(captions_per_image)
+    got = retrieval_metrics(images, texts, text_to_image, chunk_size=chunk)
+    chance = chance_table(n_img, captions_per_image)
+    for key in RECALL_KEYS:
+        assert got[key] == pytest.approx(chance[key], abs=1e-9), key
+    if captions_per_image == 1:
+        assert got["rsum"] == pytest.approx(2 * (1 + 5 + 10))  # 1%, 5%, 10% each way, not 100%
+
+
+def test_duplicated_images_share_the_hit():
+    """Two identical images: a caption of either finds its own first only half the time."""
+    basis = torch.eye(10)
+    images = basis.clone()
+    images[1] = basis[0]  # image 1 duplicates image 0
+    texts = images.clone()  # caption i describes image i exactly
+    got = retrieval_metrics(images, texts, torch.arange(10), chunk_size=4)
+    assert got["t2i_r1"] == pytest.approx(100 * (8 + 0.5 + 0.5) / 10)
+    assert got["i2t_r1"] == pytest.approx(100 * (8 + 0.5 + 0.5) / 10)  # image 0 ties its caption with caption 1
+    assert got["t2i_r5"] == got["i2t_r5"] == pytest.approx(100.0)
+
+
+def test_duplicated_captions_share_the_hit_and_any_caption_still_finds_the_image():
+    """Images 0 and 1 both have the caption 'a dog' (same embedding); image 1 also has a caption of its own."""
+    basis = torch.eye(6)
+    images = basis[:4].clone()
+    dog = (basis[0] + basis[1]) / 2**0.5
+    texts = torch.stack([dog, dog, basis[1], basis[2], basis[3]])  # captions of images 0, 1, 1, 2, 3
+    text_to_image = torch.tensor([0, 1, 1, 2, 3])
+    i2t = image_to_text_ranks(images, texts, text_to_image)
+    # image 0: its caption ties with image 1's copy of it; image 1: its own caption basis[1] is strictly best
+    assert i2t.better.tolist() == [0, 0, 0, 0] and i2t.tied.tolist() == [1, 0, 0, 0]
+    got = retrieval_metrics(images, texts, text_to_image)
+    assert got["i2t_r1"] == pytest.approx(100 * (0.5 + 1 + 1 + 1) / 4)
+    assert got["t2i_r1"] == pytest.approx(100 * (0.5 + 0.5 + 1 + 1 + 1) / 5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tie_aware_recall_is_the_mean_over_random_tie_breaks(seed):
+    """Scores on a coarse grid (many ties): the closed form equals brute force averaged over random orders."""
+    rng = np.random.default_rng(seed)
+    n_img = 12
+    text_to_image = np.repeat(np.arange(n_img), rng.integers(1, 4, size=n_img))
+    images = torch.tensor(rng.integers(0, 2, size=(n_img, 3)), dtype=torch.float64)
+    texts = torch.tensor(rng.integers(0, 2, size=(len(text_to_image), 3)), dtype=torch.float64)
+    got = retrieval_metrics(images, texts, torch.tensor(text_to_image), chunk_size=5)
+    scores = (images @ texts.T).numpy()
+    trials = [brute_force(scores + 1e-6 * rng.random(scores.shape), text_to_image) for _ in range(1500)]
+    for key in RECALL_KEYS[:-1]:
+        assert got[key] == pytest.approx(np.mean([t[key] for t in trials]), abs=1.5), key
 
 
 def test_ranks_counted_in_column_slices_match(monkeypatch):

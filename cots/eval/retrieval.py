@@ -2,13 +2,16 @@
 
 Scores are dot products of separately computed embeddings. Only a
 (chunk x gallery) block of scores exists at any time, so memory stays bounded
-at any test-set size; ranks are exact (count of strictly better candidates).
+at any test-set size. Ranks are exact and ties never favour the ground truth: a candidate that
+scores exactly as the ground truth is counted as ahead of it with the probability of a random
+order, so Recall@K is its expectation over random tie-breaks (a collapsed model scores chance).
 By default the chunk size follows from a memory budget for the block and its
 temporaries (see :func:`rows_per_chunk`).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -29,15 +32,61 @@ def rows_per_chunk(gallery_size: int, element_size: int, memory_budget_mb: float
     return max(1, int(memory_budget_mb * 2**20) // bytes_per_row)
 
 
-def _count_greater(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Entries of each row of ``scores`` (c, G) strictly above ``threshold`` (c, 1): (c,) long.
+@dataclass
+class QueryRanks:
+    """Where each query's ground truth stands among its candidates, ties kept apart.
+
+    ``better``: candidates that are not ground truth and score strictly above the best ground truth.
+    ``tied``: candidates that are not ground truth and score exactly as the best ground truth.
+    ``positives``: ground-truth candidates at that best score (1 for t2i; 0 when a query has no
+    ground truth or its score is not finite, which counts as never found).
+    All (Q,) long. A tie never favours the ground truth: recall is the expectation over a random
+    order of the tied candidates (:func:`hit_probability`), so a collapsed model scores chance level.
+    """
+
+    better: torch.Tensor
+    tied: torch.Tensor
+    positives: torch.Tensor
+
+    @classmethod
+    def cat(cls, parts: list[QueryRanks], device: torch.device | None = None) -> QueryRanks:
+        if not parts:
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            return cls(empty, empty, empty)
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in ("better", "tied", "positives")))
+
+    def __len__(self) -> int:
+        return self.better.shape[0]
+
+
+def hit_probability(ranks: QueryRanks, k: int) -> torch.Tensor:
+    """P(a ground truth is among the top ``k``) per query, tied candidates in random order: (Q,) float64.
+
+    The ``tied`` negatives and ``positives`` ground truths share ``k - better`` remaining places;
+    a miss means the first ``k - better`` of the tied block are all negatives:
+    prod_{i < k - better} (tied - i) / (tied + positives - i).
+    """
+    slots = (k - ranks.better).clamp_min(0)
+    tied, positives = ranks.tied.double(), ranks.positives.double()
+    miss = torch.ones_like(tied)
+    for i in range(k):
+        factor = (tied - i).clamp_min(0) / (tied + positives - i).clamp_min(1)
+        miss = torch.where(slots > i, miss * factor, miss)
+    return torch.where(ranks.positives > 0, 1.0 - miss, torch.zeros_like(miss))
+
+
+def _count_above_and_equal(scores: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries of each row of ``scores`` (c, G) strictly above / equal to ``threshold`` (c, 1): (c,) long each.
 
     In column slices, because ``sum`` of a bool tensor makes an int64 copy of it first.
     """
-    counts = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    above = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    equal = torch.zeros_like(above)
     for start in range(0, scores.shape[1], COUNT_BLOCK):
-        counts += (scores[:, start : start + COUNT_BLOCK] > threshold).sum(dim=1)
-    return counts
+        block = scores[:, start : start + COUNT_BLOCK]
+        above += (block > threshold).sum(dim=1)
+        equal += (block == threshold).sum(dim=1)
+    return above, equal
 
 
 def _chunk_rows(chunk_size: int | None, gallery: torch.Tensor, memory_budget_mb: float) -> int:
@@ -55,7 +104,7 @@ def iter_image_to_text_ranks(
     text_to_image: torch.Tensor,
     chunk_size: int | None = None,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-) -> Iterator[torch.Tensor]:
+) -> Iterator[QueryRanks]:
     """The ranks of :func:`image_to_text_ranks`, one chunk of images at a time (for timing and streaming)."""
     rows = _chunk_rows(chunk_size, text_emb, memory_budget_mb)
     num_images = image_emb.shape[0]
@@ -70,12 +119,15 @@ def iter_image_to_text_ranks(
         scores = image_emb[start:stop] @ text_t  # c x M
         gt_cols = by_image[offsets[k] : offsets[k + 1]]  # captions of these images
         gt_rows = text_to_image[gt_cols] - start
+        gt_scores = scores[gt_rows, gt_cols]
         best_gt = torch.full((stop - start,), float("-inf"), dtype=scores.dtype, device=scores.device)
-        best_gt.scatter_reduce_(0, gt_rows, scores[gt_rows, gt_cols], reduce="amax")  # c
-        # No ground-truth caption beats the best one, so counting every caption above it is exact.
-        ranks = _count_greater(scores, best_gt[:, None])
+        best_gt.scatter_reduce_(0, gt_rows, gt_scores, reduce="amax")  # c
+        at_best = torch.zeros(stop - start, dtype=torch.long, device=scores.device)
+        at_best.scatter_add_(0, gt_rows, (gt_scores == best_gt[gt_rows]).long())  # ground truths tied at the top
+        # No ground-truth caption beats the best one, so every caption above it is a negative.
+        above, equal = _count_above_and_equal(scores, best_gt[:, None])
         del scores  # before the next block is allocated: one block at a time
-        yield ranks
+        yield QueryRanks(above, equal - at_best, at_best)
 
 
 @torch.no_grad()
@@ -85,8 +137,8 @@ def image_to_text_ranks(
     text_to_image: torch.Tensor,
     chunk_size: int | None = None,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-) -> torch.Tensor:
-    """0-based rank of the best ground-truth caption for each image.
+) -> QueryRanks:
+    """Where the best ground-truth caption of each image stands (an image is found when any caption is).
 
     Args:
         image_emb: (N, D) image embeddings.
@@ -96,10 +148,10 @@ def image_to_text_ranks(
             None derives it from ``memory_budget_mb``.
         memory_budget_mb: bound on one chunk's temporaries when ``chunk_size`` is None.
     Returns:
-        (N,) long ranks.
+        :class:`QueryRanks` of N queries.
     """
-    ranks = list(iter_image_to_text_ranks(image_emb, text_emb, text_to_image, chunk_size, memory_budget_mb))
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=image_emb.device)
+    parts = list(iter_image_to_text_ranks(image_emb, text_emb, text_to_image, chunk_size, memory_budget_mb))
+    return QueryRanks.cat(parts, image_emb.device)
 
 
 @torch.no_grad()
@@ -109,16 +161,17 @@ def iter_text_to_image_ranks(
     text_to_image: torch.Tensor,
     chunk_size: int | None = None,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-) -> Iterator[torch.Tensor]:
+) -> Iterator[QueryRanks]:
     """The ranks of :func:`text_to_image_ranks`, one chunk of captions at a time."""
     rows = _chunk_rows(chunk_size, image_emb, memory_budget_mb)
     image_t = image_emb.t()
     for start in range(0, text_emb.shape[0], rows):
         scores = text_emb[start : start + rows] @ image_t  # c x N
         gt_score = scores.gather(1, text_to_image[start : start + rows, None])  # c x 1
-        ranks = _count_greater(scores, gt_score)
+        above, equal = _count_above_and_equal(scores, gt_score)
+        found = torch.isfinite(gt_score[:, 0]).long()  # a NaN score is never found
         del scores
-        yield ranks
+        yield QueryRanks(above, equal - found, found)
 
 
 @torch.no_grad()
@@ -128,18 +181,21 @@ def text_to_image_ranks(
     text_to_image: torch.Tensor,
     chunk_size: int | None = None,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-) -> torch.Tensor:
-    """0-based rank of the ground-truth image for each caption: (M,) long. Chunking as in :func:`image_to_text_ranks`."""
-    ranks = list(iter_text_to_image_ranks(image_emb, text_emb, text_to_image, chunk_size, memory_budget_mb))
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=text_emb.device)
+) -> QueryRanks:
+    """Where the ground-truth image of each caption stands: :class:`QueryRanks` of M queries.
+
+    Chunking as in :func:`image_to_text_ranks`.
+    """
+    parts = list(iter_text_to_image_ranks(image_emb, text_emb, text_to_image, chunk_size, memory_budget_mb))
+    return QueryRanks.cat(parts, text_emb.device)
 
 
-def recall_table(i2t_ranks: torch.Tensor, t2i_ranks: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """R@K in percent both ways, their mean and their sum (rsum)."""
+def recall_table(i2t_ranks: QueryRanks, t2i_ranks: QueryRanks, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """R@K in percent both ways (expected over random orders of tied candidates), their mean and sum (rsum)."""
     out: dict[str, float] = {}
     for name, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
         for k in ks:
-            out[f"{name}_r{k}"] = 100.0 * (ranks < k).float().mean().item()
+            out[f"{name}_r{k}"] = 100.0 * hit_probability(ranks, k).mean().item() if len(ranks) else float("nan")
     values = [out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks]
     out["rsum"] = sum(values)
     out["r_mean"] = out["rsum"] / len(values)
