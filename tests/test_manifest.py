@@ -33,6 +33,11 @@ def test_csv_groups_rows_of_one_image_and_takes_column_names(tmp_path):
     ("{not json", "not valid JSON"),
     ('{"image": "a.jpg"}', "expected a JSON list"),
     ('[{"caption": "no image"}]', "entry 0"),
+    ('[{"image": "a.jpg", "caption": "ok"}, {"image": "b.jpg", "caption": 12345}]', r"entry 1: 'caption' .* int"),
+    ('[{"image": "a.jpg", "caption": ["ok", ["nested"]]}]', r"entry 0: 'caption' .* list"),
+    ('[{"image": "a.jpg", "caption": {"en": "a dog"}}]', r"entry 0: 'caption' .* dict"),
+    ('[{"image": "a.jpg", "caption": ["ok", null]}]', r"entry 0: 'caption' .* NoneType"),
+    ('[{"image": 7, "caption": "a dog"}]', r"entry 0 has no 'image' path \(got 7\)"),
 ])
 def test_bad_manifests_name_the_file_and_the_problem(tmp_path, content, message):
     (tmp_path / "bad.json").write_text(content)

@@ -47,7 +47,7 @@ def load_manifest(
     merged: dict[str, ManifestEntry] = {}
     for i, (image, captions) in enumerate(rows):
         if not isinstance(image, str) or not image:
-            raise ManifestError(f"{path}: entry {i} has no 'image' path")
+            raise ManifestError(f"{path}: entry {i} has no 'image' path (got {json.dumps(image)[:80]})")
         entry = merged.setdefault(image, ManifestEntry(root / image))
         entry.captions.extend(captions)
     return list(merged.values())
@@ -65,10 +65,22 @@ def _read_json(path: Path) -> list[tuple[str, list[str]]]:
     for i, item in enumerate(data):
         if not isinstance(item, dict) or "image" not in item:
             raise ManifestError(f"{path}: entry {i} is not an object with an 'image' key")
-        caption = item.get("caption", [])
-        captions = [caption] if isinstance(caption, str) else list(caption or [])
-        rows.append((item["image"], [c if isinstance(c, str) else "" for c in captions]))
+        rows.append((item["image"], _captions_of(item.get("caption"), path, i)))
     return rows
+
+
+def _captions_of(caption, path: Path, index: int) -> list[str]:
+    """A caption string or a list of strings; null is no caption (an empty string is kept, to be counted)."""
+    if caption is None:
+        return []
+    if isinstance(caption, str):
+        return [caption]
+    if isinstance(caption, list) and all(isinstance(c, str) for c in caption):
+        return list(caption)
+    found = type(caption).__name__ if not isinstance(caption, list) else "a list holding " + ", ".join(
+        sorted({type(c).__name__ for c in caption if not isinstance(c, str)}))
+    raise ManifestError(f"{path}: entry {index}: 'caption' must be a string or a list of strings, got {found}: "
+                        f"{json.dumps(caption)[:80]}")
 
 
 def _read_csv(path: Path, image_column: str, caption_column: str) -> list[tuple[str, list[str]]]:
