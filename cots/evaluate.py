@@ -13,12 +13,32 @@ from cots.report import write_report
 from cots.train import CONF_DIR, build_module, report_retrieval
 
 
+# Data keys the towers were built for: a data=<option> cannot change them.
+MODEL_BOUND_DATA_KEYS = ("image_size", "text_tokenizer")
+
+
+def eval_data_config(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
+    """The data config to score with: the checkpoint's, with the command line's data keys merged over it.
+
+    With ``data=<option>`` the option replaces the checkpoint's data config, except the keys of
+    ``MODEL_BOUND_DATA_KEYS``; otherwise only the keys given (not null) replace the checkpoint's.
+    Neither needs training-only keys: training manifests are not read.
+    """
+    given = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
+    if "_target_" in given:
+        data = dict(given)
+        data.update({key: run_cfg.data[key] for key in MODEL_BOUND_DATA_KEYS if key in run_cfg.data})
+        return OmegaConf.create(data)
+    data = OmegaConf.to_container(run_cfg.data, resolve=True)
+    data.update({key: value for key, value in given.items() if value is not None})
+    return OmegaConf.create(data)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the model from the checkpoint's own config, load its weights, score the gallery."""
     checkpoint = read_checkpoint(cfg.ckpt_path)
     run_cfg = OmegaConf.create(checkpoint["cots"]["config"])
-    data_cfg = cfg.data if cfg.get("data") else run_cfg.data
-    datamodule = instantiate(data_cfg)
+    datamodule = instantiate(eval_data_config(cfg, run_cfg))
     datamodule.prepare_data()
     tokenizer = datamodule.build_text_tokenizer(checkpoint["cots"]["text_tokenizer"])
     module = build_module(run_cfg, tokenizer.vocab_size, tokenizer.to_str(), tokenizer.mask_id, tokenizer.special_ids)

@@ -112,6 +112,17 @@ def test_checkpoint_holds_no_pickled_objects_and_cots_eval_reads_it(make_cfg, tm
     # the same weights score the same gallery the same way as the trainer's own test loop
     objects["trainer"].test(objects["module"], datamodule=objects["datamodule"], verbose=False)
     assert objects["module"].last_retrieval == pytest.approx(table)
+    # "score this checkpoint on that manifest" is one override: the rest comes from the checkpoint
+    other = objects["datamodule"].manifests["val"]
+    on_other = evaluate(make_cfg(f"ckpt_path={ckpt}", f"data.test_manifest={other}", "accelerator=cpu",
+                                 config_name="eval"))
+    objects["trainer"].test(objects["module"], dataloaders=objects["datamodule"].gallery_loaders("val"), verbose=False)
+    assert on_other == pytest.approx(objects["module"].last_retrieval) and on_other != pytest.approx(table)
+    # a data option works too (its ${seed} and paths resolve; the image size stays the checkpoint's)
+    with_option = evaluate(make_cfg(f"ckpt_path={ckpt}", "data=synthetic", "data.image_size=64",
+                                    "data.synthetic.num_train=8", f"data.test_manifest={other}",
+                                    f"paths.data_dir={tmp_path}/elsewhere", "accelerator=cpu", config_name="eval"))
+    assert with_option == pytest.approx(on_other)
 
 
 def test_corrupt_checkpoint_is_named_in_the_error(make_cfg, tmp_path):
