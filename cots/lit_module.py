@@ -9,7 +9,7 @@ import torch
 
 from cots import distributed
 from cots.amf import AMFDecision, noise_confusion, precision_recall
-from cots.checkpoints import capture_rng_state, restore_rng_state
+from cots.checkpoints import capture_rank_rng_states, restore_rank_rng_state, seed_rank_streams
 from cots.eval.retrieval import retrieval_metrics
 from cots.guards import NonFiniteGuard, all_ranks_finite, assert_finite_parameters, check_skip_fraction
 from cots.losses.vilem import vilem_loss
@@ -39,6 +39,8 @@ class COTSLitModule(L.LightningModule):
             those options (see :meth:`COTSModel.compile_towers`).
         lr_scale: learning-rate multipliers by parameter-name prefix (``optim.lr_scale``; see
             :func:`cots.optim.param_groups`).
+        seed: the run's seed; at the start of fitting each rank reseeds its random streams (dropout,
+            drop-path, ViLEM's edits) with ``seed + rank``. None leaves the streams as they are.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class COTSLitModule(L.LightningModule):
         max_skip_fraction: float | None = 0.1,
         compile: Mapping | None = None,
         lr_scale: Mapping[str, float] | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if compile is not None:
@@ -74,6 +77,11 @@ class COTSLitModule(L.LightningModule):
         self.samples_seen = 0
         self.max_skip_fraction = max_skip_fraction
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps) if skip_nonfinite else None
+        self.seed = seed
+        # A non-finite loss in any micro-batch of an accumulation window cancels the window's update: no
+        # optimizer or scheduler step, no EMA, nothing enqueued. ``_window`` is the global_step it belongs to.
+        self._window: int | None = None
+        self._window_skipped = False
         self._gallery: dict[str, list] = {}
         self.last_retrieval: dict[str, float] = {}
         self.last_error_accuracy: dict[str, float] = {}  # ViLEM detection / correction accuracy (%), when on
@@ -82,14 +90,25 @@ class COTSLitModule(L.LightningModule):
         self.register_buffer("amf_noise_counts", torch.zeros(4), persistent=False)
 
     # -- training ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Before a resume restores the saved streams (Lightning restores after ``setup``).
+        if stage == "fit" and self.seed is not None:
+            seed_rank_streams(self.seed, self.trainer.global_rank)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if self._window != self.global_step:  # the first micro-batch of an accumulation window
+            self._window, self._window_skipped = self.global_step, False
         step = compute_step(self.model, self.objective, batch)  # forward -> filter -> masked passes -> objective
         self._check_data(batch)
         if self.nonfinite is not None:
             finite = all_ranks_finite(step.terms["loss"])
             self.nonfinite.record(finite, step.terms, self.global_step)
             self.log("train/nonfinite_skipped", float(self.nonfinite.skipped), batch_size=batch["images"].shape[0])
-            if not finite:  # no backward, no optimizer step, nothing enqueued: the queues stay clean
+            if not finite or self._window_skipped:
+                # No backward; the window's gradients so far are dropped, so the optimizer sees none and
+                # changes nothing; nothing is enqueued, so the queues stay clean.
+                self._window_skipped = True
+                self.zero_grad(set_to_none=True)
                 return None
         enqueue_step(self.model, self.objective, step)
         if step.decision is not None:
@@ -124,10 +143,19 @@ class COTSLitModule(L.LightningModule):
             self.log(f"amf/{name}", value, batch_size=batch_size)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)  # runs the window's last training_step
+        if self._window_skipped:  # every gradient is None: the optimizer changed nothing; neither do the rest
+            return
         # Lightning calls this once per optimizer step, so accumulation does not repeat the EMA.
         m = momentum_at(self.global_step, self.trainer.estimated_stepping_batches, self.momentum, self.momentum_schedule)
         self.model.momentum_update(m)
+        self.model.clamp_temperature_()
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        """The schedule advances with the updates made: a skipped non-finite step does not move it."""
+        if self._window_skipped:
+            return
+        super().lr_scheduler_step(scheduler, metric)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip here for a fused optimizer when no fp16 gradient scaler runs (bf16-mixed, fp32).
@@ -240,7 +268,7 @@ class COTSLitModule(L.LightningModule):
             "text_tokenizer": self.text_tokenizer_json,
             "skipped": dict(self.skipped),
             "samples_seen": self.samples_seen,
-            "rng": capture_rng_state(),
+            "rng": capture_rank_rng_states(),  # one entry per rank, in rank order
             "amf_noise_counts": self.amf_noise_counts.tolist(),
         }
 
@@ -251,4 +279,4 @@ class COTSLitModule(L.LightningModule):
         if "amf_noise_counts" in state:
             self.amf_noise_counts.copy_(torch.tensor(state["amf_noise_counts"]))
         if state.get("rng"):
-            restore_rng_state(state["rng"])
+            restore_rank_rng_state(state["rng"])

@@ -278,6 +278,10 @@ class COTSObjective(nn.Module):
         image_queue, text_queue, queue_mask = queues  # (K, D), (K, D), (K,)
         if self.task.temperature is not None:
             temperature = torch.tensor(self.task.temperature, device=image_queue.device)
+        else:
+            # The model's tau as a constant: both distributions flatten as tau grows, so the KL alone would
+            # drive tau to its upper bound; tau is learned by L_inst.
+            temperature = temperature.detach()
         return task_kl_loss(
             features.image.embedding,
             features.text.embedding,

@@ -66,7 +66,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     module = build_module(cfg, tokenizer.vocab_size, tokenizer.to_str(), tokenizer.mask_id, tokenizer.special_ids)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    save_final_checkpoint(trainer)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         split = "test" if cfg.data.get("test_manifest") else "val"
@@ -81,17 +80,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             )
             print(f"wrote {png}")
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
-
-
-def save_final_checkpoint(trainer: L.Trainer) -> None:
-    """``last.ckpt`` holds the final weights: Lightning saves it only after validation, which a run
-    ending at max_steps between two validations would otherwise miss."""
-    callback = trainer.checkpoint_callback
-    if callback is None or not callback.dirpath or not callback.save_last or trainer.global_step == 0:
-        return
-    if callback.last_model_path and trainer.global_step == getattr(callback, "_last_global_step_saved", -1):
-        return  # already saved at this step
-    trainer.save_checkpoint(Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}")
 
 
 def report_retrieval(table: dict[str, float], datamodule, split: str, output_dir: Path) -> None:

@@ -112,6 +112,75 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(make_cfg, monkeypatch):
     assert calls["n"] == 9  # 2 skipped, 2 good, then 4 in a row stop it
 
 
+def _training_state(trainer, module) -> dict:
+    """Everything an update could move: weights, EMA twins, queues, AMF queue, tau, optimizer and scheduler."""
+    import copy
+
+    return {"tensors": {k: v.detach().clone() for k, v in module.state_dict().items()},
+            "optimizer": copy.deepcopy(trainer.optimizers[0].state_dict()),
+            "scheduler": copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.state_dict())}
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    import torch
+
+    changed = {k for k in before["tensors"] if not torch.equal(before["tensors"][k], after["tensors"][k])}
+    groups = {".".join(k.split(".")[:2]) for k in changed}  # model.encoder, objective.amf, ...
+    opt_b, opt_a = before["optimizer"]["state"], after["optimizer"]["state"]
+    if opt_b.keys() != opt_a.keys() or any(not torch.equal(torch.as_tensor(opt_b[p][f]), torch.as_tensor(opt_a[p][f]))
+                                           for p in opt_b for f in opt_b[p]):
+        groups.add("optimizer")
+    if before["scheduler"] != after["scheduler"]:
+        groups.add("scheduler")
+    return groups
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_skipped_non_finite_step_changes_nothing_but_counts_as_a_step(make_cfg, monkeypatch, accumulate):
+    """A NaN loss in any micro-batch cancels its optimizer step: weights, EMA, queues, optimizer state and the
+    schedule stay as they were; global_step still counts the batch(es) it consumed."""
+    import lightning as L
+    from omegaconf import open_dict
+
+    import cots.lit_module as lit
+
+    original = lit.compute_step
+    calls = {"n": 0}
+    poisoned_call = 2 * accumulate + 1  # the first micro-batch of the third optimizer step
+
+    def poisoned(model, objective, batch):
+        step = original(model, objective, batch)
+        calls["n"] += 1
+        if calls["n"] == poisoned_call:
+            step.terms["loss"] = step.terms["loss"] * float("nan")
+        return step
+
+    windows: dict[str, set[str]] = {}
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if batch_idx % accumulate == 0:
+                self.before = _training_state(trainer, module)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            if (batch_idx + 1) % accumulate == 0:
+                window = "poisoned" if batch_idx // accumulate == 2 else f"clean{batch_idx // accumulate}"
+                windows[window] = _changed(self.before, _training_state(trainer, module))
+
+    monkeypatch.setattr(lit, "compute_step", poisoned)
+    globals()["Probe"] = Probe
+    cfg = make_cfg("trainer.max_steps=5", f"trainer.accumulate_grad_batches={accumulate}",
+                   "objective.amf.queue_size=16", "optim.scheduler.warmup_steps=3")
+    with open_dict(cfg):
+        cfg.callbacks.probe = {"_target_": f"{__name__}.Probe"}
+    _, objects = train(cfg)
+    moved = {"model.encoder", "model.momentum_encoder", "model.feature_queue", "model.log_temperature",
+             "objective.amf", "optimizer", "scheduler"}
+    assert windows["clean1"] == moved  # a test of this test: a normal step moves every piece
+    assert windows["poisoned"] == set()
+    assert objects["trainer"].global_step == 5 and calls["n"] == 5 * accumulate  # the skipped step counted
+
+
 def test_a_checkpoint_of_non_finite_weights_is_refused(make_cfg, tmp_path):
     import torch
 

@@ -122,3 +122,29 @@ def test_objective_switches_weight_and_fixed_temperature(make_cfg, monkeypatch):
     model, objective = _tiny_model(make_cfg, "objective=contrastive_only")
     terms = objective(model, model(images, ids, mask))
     assert "task" not in terms and objective.amf is None
+
+
+def test_the_objectives_task_term_leaves_the_learned_temperature_to_l_inst(make_cfg):
+    """Both distributions flatten as tau grows, so a KL with gradient into tau would push it to its bound."""
+    from cots.step import compute_step
+
+    model, objective = _tiny_model(make_cfg)  # temperature: null = the model's tau
+    images, ids, mask = _batch()
+    batch = {"images": images, "input_ids": ids, "attention_mask": mask}
+    model.enqueue(model(images, ids, mask))
+    terms = compute_step(model, objective, batch).terms
+    assert float(terms["task"]) > 0
+    terms["task"].backward(retain_graph=True)
+    assert model.log_temperature.grad is None or float(model.log_temperature.grad) == 0
+    assert sum(float(p.grad.abs().sum()) for p in model.encoder.parameters() if p.grad is not None) > 0
+    terms["inst"].backward()
+    assert float(model.log_temperature.grad) != 0  # L_inst still learns it
+
+
+def test_temperature_is_put_back_in_range_after_each_optimizer_step(make_cfg):
+    """A tau initialised (or pushed) past 0.5 has zero gradient under the value clamp; the parameter clamp frees it."""
+    from cots.train import train
+
+    _, objects = train(make_cfg("model.temperature=0.9", "trainer.max_steps=2", "trainer.limit_val_batches=0"))
+    tau = objects["module"].model.log_temperature.exp().item()
+    assert tau <= 0.5 + 1e-6, tau

@@ -115,6 +115,15 @@ class COTSModel(nn.Module):
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp().clamp(TEMPERATURE_MIN, TEMPERATURE_MAX)
 
+    @torch.no_grad()
+    def clamp_temperature_(self) -> None:
+        """Put log tau back inside [log 0.001, log 0.5] after an optimizer step (as ALBEF does).
+
+        The clamp in :meth:`temperature` alone has zero gradient outside the range: Adam's momentum
+        could carry the parameter past a bound, where it would stick.
+        """
+        self.log_temperature.clamp_(math.log(TEMPERATURE_MIN), math.log(TEMPERATURE_MAX))
+
     def train(self, mode: bool = True) -> COTSModel:
         super().train(mode)
         # Keys come from the momentum encoder without dropout: stable targets for the queue.
