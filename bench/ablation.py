@@ -8,20 +8,18 @@ Every row gets the same overrides apart from its own (same steps, data, seed), t
 ``cots.train.train`` in this process and is tested on ``data.test_manifest``. Writes
 ``<out>/ablation.md`` and ``<out>/ablation.json``; each run's own files go to ``<out>/<row>/``.
 The rows are a list of override sets: a new part of the objective is one more entry.
+One run per row and one seed: for several seeds, an equal wall-clock budget and resumable
+runs, use ``bench/evidence.py``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import re
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from runs import RETRIEVAL_KEYS, amf_stats, base_args, compose_run, slug, write_results
 
-from cots.train import CONF_DIR, train
+from cots.train import train
 
 MVLM = ["data=emoji_tokens", "objective.cmvm.enabled=true", "objective.cmlm.enabled=true"]
 # ViLEM draws its errors from the CMLM head, so its row and its baseline both train CMLM.
@@ -36,20 +34,6 @@ SETTINGS: list[tuple[str, list[str]]] = [
     ("+ CMLM", ["objective=contrastive_only", *CMLM]),
     ("+ CMLM + ViLEM", ["objective=contrastive_only", *CMLM, "objective.vilem.enabled=true"]),
 ]
-RETRIEVAL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "run"
-
-
-def compose_run(overrides: list[str], output_dir: Path) -> DictConfig:
-    """The train config with ``overrides``, writing to ``output_dir`` (compose sets no Hydra run dir)."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
 
 
 def run_row(name: str, overrides: list[str], out: Path) -> dict:
@@ -62,40 +46,8 @@ def run_row(name: str, overrides: list[str], out: Path) -> dict:
            "minutes": (time.perf_counter() - start) / 60, "train_loss": metrics.get("train/loss")}
     row.update({key: module.last_retrieval.get(key) for key in RETRIEVAL_KEYS})
     row.update(module.last_error_accuracy)  # ViLEM detection / correction accuracy on held-out captions, when on
-    if module.objective.amf is not None:
-        tp, fp, fn, tn = (float(x) for x in module.amf_noise_counts)
-        seen = tp + fp + fn + tn  # pairs seen after the warm-up (Q^s full)
-        row["amf_filtered_after_warmup"] = (tp + fp) / seen if seen else None
-        row["amf_precision"] = tp / (tp + fp) if tp + fp else None
-        row["amf_recall"] = tp / (tp + fn) if tp + fn else None
-        row["amf_counts"] = {"filtered_noisy": tp, "filtered_clean": fp, "kept_noisy": fn, "kept_clean": tn}
+    row.update(amf_stats(module))  # precision / recall against injected noise, when AMF is on
     return row
-
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def cell(value) -> str:
-        return "–" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def write_results(rows: list[dict], out: Path, stem: str, columns: list[str], header: str) -> str:
-    table = markdown_table(rows, columns)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(rows, indent=2))
-    (out / f"{stem}.md").write_text(f"{header}\n\n{table}\n")
-    return table
-
-
-def base_args(description: str, default_out: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--steps", type=int, default=230, help="optimizer steps per run (the equal budget)")
-    parser.add_argument("--out", type=Path, default=Path(default_out), help="output folder")
-    parser.add_argument("--experiment", default="emoji_demo", help="the experiment every run starts from")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
-    return parser
 
 
 def main() -> None:

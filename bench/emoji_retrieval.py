@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import RETRIEVAL_KEYS, base_args, compose_run, slug, write_results  # noqa: E402
+from runs import RETRIEVAL_KEYS, base_args, compose_run, score_galleries, slug, write_results  # noqa: E402
 
 from cots.eval.retrieval import chance_table  # noqa: E402
 from cots.train import train  # noqa: E402
@@ -44,11 +44,10 @@ def main() -> None:
         minutes = (time.perf_counter() - start) / 60
         trainer, module, datamodule = objects["trainer"], objects["module"], objects["datamodule"]
         emoji_dir = Path(cfg.data.test_manifest).parent
-        for vendor in VENDORS:
-            manifest = str(emoji_dir / f"test_{vendor}.json")
-            trainer.test(module, dataloaders=datamodule.gallery_loaders(manifest), verbose=False)
-            images = len(datamodule.entries(manifest))
-            rows.append({"setting": name, "gallery": vendor, "images": images, **module.last_retrieval,
+        galleries = {vendor: str(emoji_dir / f"test_{vendor}.json") for vendor in VENDORS}
+        for vendor, scores in score_galleries(trainer, module, datamodule, galleries).items():
+            rows.append({"setting": name, "gallery": vendor,
+                         **{key: value for key, value in scores.items() if key not in ("manifest", "captions")},
                          "train_minutes": minutes, "steps": trainer.global_step})
         table = write_results(rows, args.out, "emoji_retrieval", columns, header)
     chance = chance_table(rows[0]["images"], 1.0)

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import RETRIEVAL_KEYS, base_args, run_row, write_results  # noqa: E402
+from ablation import run_row  # noqa: E402
+from runs import RETRIEVAL_KEYS, base_args, write_results  # noqa: E402
 
 COLUMNS = ["noise_rate", "amf", "amf_precision", "amf_recall", "amf_filtered_after_warmup", *RETRIEVAL_KEYS, "minutes"]
 

@@ -1,0 +1,831 @@
+"""Evidence tables: what each COTS part does at an equal wall-clock budget, over several seeds, with error bars.
+
+Every (row, seed) of a table is one training run, scored after training on the Google and the Twitter
+gallery of held-out concepts. Each finished run writes its own record, so a table is built over as
+many sittings as the machine allows: ``run`` skips the runs that have a record and resumes an
+interrupted one from the ``last.ckpt`` in its run folder. Run from the repository root.
+
+0. The CMVM/CMLM rows (``experiment=emoji_mvlm``) need the emoji dVAE; ``calibrate`` and ``run`` check every
+   file they need before the first step and stop with the list of what is missing::
+
+       make tokenizers/artifacts/emoji_dvae.safetensors         # 1.8 min, once (what `make train-mvlm` trains)
+
+1. Calibrate once, on a quiet machine (nothing else running; about 1.5 min per timing, 5 timings):
+   each timing's median step time (``cots.callbacks.StepTimer``, 30 steps with the first 5 left out)
+   goes to ``bench/results/evidence/step_times.json`` with the commit, date, CPU and torch threads::
+
+       .venv/bin/python bench/evidence.py calibrate             # the timings that are missing
+       .venv/bin/python bench/evidence.py calibrate --force     # all of them again
+
+2. Run the tables, in any number of sittings; the machine may do other work meanwhile, because the
+   steps of a row are fixed by the committed step times, never by the run's own timing::
+
+       .venv/bin/python bench/evidence.py run ablation          # 5 rows x 3 seeds, about 3 h
+       .venv/bin/python bench/evidence.py run noise             # 4 rows x 2 seeds, about 1.5 h
+       .venv/bin/python bench/evidence.py run cross_style       # 2 rows x 3 seeds, about 1.1 h
+       .venv/bin/python bench/evidence.py run ablation --only "+ AMF (emoji_demo)" --seeds 45 46  # more seeds
+
+   Each run prints what happened to it (``ran``, ``resumed``, ``skipped``: it has a record, ``busy``:
+   another process holds it); stopping a sitting at any moment loses at most 50 steps of one run.
+
+3. Build the tables from whatever records exist (missing seeds are shown as missing)::
+
+       .venv/bin/python bench/evidence.py table                 # all tables (or name them)
+
+Selection mode, for choosing settings without touching the test concepts: ``--split val`` trains on
+``train_names.json`` (no val concepts) and scores ``val_google.json`` / ``val_twitter.json``; its records
+and tables are ``<table>_val`` (``run ablation --split val``, then ``table ablation --split val``).
+``list`` prints every table's rows, overrides, timings and planned steps. A check of the whole path, a few
+steps a run (about a minute each with the model build and both galleries; records outside ``bench/results``)::
+
+    .venv/bin/python bench/evidence.py run cross_style --steps 3 --seeds 1 --results /tmp/ev --logs /tmp/ev/logs
+    .venv/bin/python bench/evidence.py table cross_style --results /tmp/ev
+
+Budget: a row trains ``round(budget / its median step)`` steps; the budget defaults to the demo's,
+``trainer.max_steps`` of ``experiment=emoji_demo`` (450) times the calibrated step of the demo row, so a
+part that costs time pays for it in steps (``--budget-seconds`` sets another). The steps of a run are
+fixed in its ``plan.json`` when it first starts, so a later recalibration never changes a half-done run.
+Seeds vary the top-level ``seed`` (model init, data order, crops); ``data.noise_seed`` stays 0, so every
+seed of the noise table sees the same injected noise. Rows whose step does the same work share a timing
+(the noise rows time as the demo with AMF on or off, the one-vendor rows as the demo).
+
+Files: records ``bench/results/evidence/<table>/<row>__seed<k>.json`` (written atomically when a run has
+been scored), tables ``bench/results/evidence/<table>.md``, run folders
+``logs/bench/evidence/<table>/<row>__seed<k>/`` (``plan.json``: its steps; ``sittings.json``: the wall time
+of each sitting; ``checkpoints/last.ckpt`` every 50 steps until the record is written, then removed unless
+``--keep-checkpoints``: 0.45 GB a run). A table is a list of rows, each a name and its Hydra overrides on the
+table's base (``TABLES`` below): a new table, e.g. tuning candidates to compare with ``--split val``, is one
+more entry.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from measure import markdown_table
+from omegaconf import DictConfig, open_dict
+from runs import amf_stats, compose_run, score_galleries, slug
+
+from cots.callbacks import StepTimer
+from cots.config_checks import ConfigError, check_config
+from cots.data.manifest import ManifestError
+from cots.eval.retrieval import chance_table
+from cots.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "evidence"
+LOGS = ROOT / "logs" / "bench" / "evidence"
+CHECKPOINT_EVERY = 50  # steps between crash-recovery saves of last.ckpt (about 75 s of the demo)
+BUDGET_TIMING = "demo"  # the default budget: the demo's steps at this timing's calibrated step
+BUDGET_EXPERIMENT = "emoji_demo"
+
+
+# -- what a table is --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One setting of a table.
+
+    ``timing`` names the entry of step_times.json whose median step sets the row's steps (rows whose
+    step does the same work share one; None: the row's own, ``<table>/<slug>``); ``vs`` the row it is
+    compared with in the Δ columns; ``vendor`` restricts training to that vendor's images.
+    """
+
+    name: str
+    overrides: tuple[str, ...] = ()
+    timing: str | None = None
+    vs: str | None = None
+    vendor: str | None = None
+
+    @property
+    def slug(self) -> str:
+        return slug(self.name)
+
+
+@dataclass(frozen=True)
+class Split:
+    """What a run trains on (a manifest in the data folder; None: the experiment's own) and is scored on."""
+
+    train: str | None
+    galleries: dict[str, str]
+
+
+EMOJI_SPLITS = {
+    # trainval_names.json (the demo's), scored on the held-out test concepts
+    "test": Split(None, {"google": "test_google.json", "twitter": "test_twitter.json"}),
+    # selection: no val concepts in training, scored on them
+    "val": Split("train_names.json", {"google": "val_google.json", "twitter": "val_twitter.json"}),
+}
+
+
+@dataclass(frozen=True)
+class Table:
+    """Rows run on a common base of overrides, for ``seeds``; ``reference`` shows another table's row."""
+
+    name: str
+    title: str
+    rows: tuple[Row, ...]
+    seeds: tuple[int, ...] = (42, 43, 44)
+    base: tuple[str, ...] = (f"experiment={BUDGET_EXPERIMENT}",)
+    splits: dict[str, Split] = field(default_factory=lambda: dict(EMOJI_SPLITS))
+    reference: tuple[str, str] | None = None  # (table, row) shown below the rows, from its own records
+    notes: str = ""
+
+    def row(self, name: str) -> Row:
+        for row in self.rows:
+            if name in (row.name, row.slug):
+                return row
+        raise KeyError(f"table {self.name} has no row {name!r}; rows: {[r.name for r in self.rows]}")
+
+    def timing(self, row: Row) -> str:
+        return row.timing or f"{self.name}/{row.slug}"
+
+    def folder(self, split: str) -> str:
+        """Records and run folders of a split: ``<table>`` for test, ``<table>_<split>`` otherwise."""
+        return self.name if split == "test" else f"{self.name}_{split}"
+
+
+DEMO = "+ AMF (emoji_demo)"
+TABLES: dict[str, Table] = {
+    table.name: table
+    for table in (
+        Table(
+            "ablation",
+            "Each part of the objective at the demo's wall-clock budget",
+            (
+                Row("contrastive only", ("objective=contrastive_only",), timing="contrastive"),
+                Row(DEMO, (), timing="demo", vs="contrastive only"),
+                Row("+ AMF + L_task", ("objective.task.enabled=true",), timing="demo_task", vs=DEMO),
+                Row("+ AMF + CMVM/CMLM (emoji_mvlm)", ("experiment=emoji_mvlm",), timing="mvlm", vs=DEMO),
+                Row("full: + AMF + L_task + CMVM/CMLM", ("experiment=emoji_mvlm", "objective.task.enabled=true"),
+                    timing="full", vs=DEMO),
+            ),
+            notes="Rows are the demo (L_inst + AMF) with one part added or removed; Δ is against the row "
+                  "named in `vs`. CMVM/CMLM is emoji_mvlm's setting: 8 masked pairs per batch at weight 0.2.",
+        ),
+        Table(
+            "noise",
+            "Injected caption swaps: AMF on and off, and what it filters",
+            tuple(
+                Row(f"p={p} AMF {state}", (f"data.noise_rate={p}", f"objective.amf.enabled={str(on).lower()}"),
+                    timing="demo" if on else "contrastive", vs=f"p={p} AMF off" if on else None)
+                for p in (0.2, 0.4)
+                for state, on in (("off", False), ("on", True))
+            ),
+            seeds=(42, 43),
+            base=(f"experiment={BUDGET_EXPERIMENT}", "data.noise_seed=0"),
+            reference=("ablation", DEMO),
+            notes="`data.noise_rate=p` gives a fraction p of the training pairs another pair's caption (the same "
+                  "pairs for every seed: `data.noise_seed=0`). AMF precision: the noisy share of what it filtered; "
+                  "recall: the filtered share of the noisy pairs; both over the pairs after its warm-up (4096 "
+                  "pairs, its similarity queue). p=0 is the ablation's first two rows.",
+        ),
+        Table(
+            "cross_style",
+            "Cross-style transfer: trained on one vendor's images, scored on both vendors' held-out concepts",
+            (
+                Row("Google only", vendor="google", timing="demo"),
+                Row("Twitter only", vendor="twitter", timing="demo"),
+            ),
+            reference=("ablation", DEMO),
+            notes="A one-vendor row trains on the chosen train manifest filtered to that vendor's images (half "
+                  "the pairs, so about twice the epochs in the same steps); its own vendor's gallery is in-style, "
+                  "the other cross-style; `in − cross` is their difference within each run. The reference row "
+                  "trains on both vendors.",
+        ),
+    )
+}
+
+
+# -- crash recovery (one place: where the checkpoint callbacks change, only this changes) -----------------
+def enable_crash_recovery(cfg: DictConfig, every_n_steps: int) -> None:
+    """Keep ``<run>/checkpoints/last.ckpt`` at most ``every_n_steps`` optimizer steps old.
+
+    With ``callbacks.recovery_checkpoint`` (``cots.callbacks.RecoveryCheckpoint``) its ``every_n_steps``;
+    in a config without it, Lightning's ``ModelCheckpoint`` with ``every_n_train_steps`` and ``save_last``.
+    """
+    with open_dict(cfg):
+        if cfg.callbacks.get("recovery_checkpoint") is not None:
+            cfg.callbacks.recovery_checkpoint.every_n_steps = every_n_steps
+        else:
+            cfg.callbacks.model_checkpoint.every_n_train_steps = every_n_steps
+            cfg.callbacks.model_checkpoint.save_last = True
+
+
+def disable_checkpoints(cfg: DictConfig) -> None:
+    """No checkpoint at all (calibration runs): nothing is resumed from them, and a save is not a step."""
+    with open_dict(cfg):
+        for name in ("model_checkpoint", "recovery_checkpoint"):
+            cfg.callbacks.pop(name, None)
+        cfg.trainer.enable_checkpointing = False
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint an interrupted run resumes from, None when it has none."""
+    path = run_dir / "checkpoints" / "last.ckpt"
+    return path if path.is_file() else None
+
+
+class SittingClock(L.Callback):
+    """Wall time of each sitting of a run (one process's share of its training), kept in a JSON list.
+
+    Written after every training step, so the time of a sitting that gets killed is kept too: the record
+    reports the minutes actually spent, summed over sittings, beside the budget.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.sittings: list[dict] = []
+        self._start = 0.0
+
+    def on_train_start(self, trainer, module) -> None:
+        self.sittings = read_json(self.path, [])
+        self.sittings.append({"started": now(), "host": platform.node(), "start_step": int(trainer.global_step),
+                              "end_step": int(trainer.global_step), "seconds": 0.0})
+        self._start = time.perf_counter()
+        self._save(trainer)
+
+    def _save(self, trainer) -> None:
+        if not self.sittings or not trainer.is_global_zero:
+            return
+        self.sittings[-1].update(end_step=int(trainer.global_step), seconds=time.perf_counter() - self._start)
+        write_json_atomic(self.path, self.sittings)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer, module) -> None:
+        self._save(trainer)
+
+    def on_exception(self, trainer, module, exception) -> None:
+        self._save(trainer)
+
+
+# -- small helpers ---------------------------------------------------------------------------------------
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_json(path: Path, default=None):
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temporary file in the same folder and rename it: a reader sees the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def git_state() -> dict:
+    """The commit, and the tracked files that differ from it (the runs measure the working tree)."""
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    commit, changed = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit.strip() if commit else None,
+            "modified": [line[3:] for line in changed.splitlines() if line.strip()] if changed else []}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    return {"host": platform.node(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def vendor_of(image: str) -> str:
+    """The vendor folder of an image path: 'images/google/1f600.png' -> 'google'."""
+    parts = Path(image).parts
+    return parts[-2] if len(parts) >= 2 else ""
+
+
+def vendor_manifest(source: Path, vendor: str, out: Path, image_root: str | None = None) -> int:
+    """Write the entries of ``source`` whose image lies in ``vendor``'s folder to ``out``; returns how many.
+
+    The image paths become absolute (resolved against ``image_root``, default the source manifest's
+    folder), so the filtered manifest can live in the run folder, away from the images.
+    """
+    entries = json.loads(Path(source).read_text())
+    root = Path(image_root) if image_root else Path(source).resolve().parent
+    kept = [{**entry, "image": str((root / entry["image"]).resolve())}
+            for entry in entries if vendor_of(entry["image"]) == vendor]
+    if not kept:
+        found = sorted({vendor_of(entry["image"]) for entry in entries})
+        raise ManifestError(f"{source}: no image in a '{vendor}' folder (image folders there: {found})")
+    write_json_atomic(Path(out), kept)
+    return len(kept)
+
+
+# -- configs ---------------------------------------------------------------------------------------------
+def row_overrides(table: Table, row: Row, seed: int, steps: int, extra: Sequence[str] = ()) -> list[str]:
+    """The table's base, the row's own overrides (a row's ``experiment=`` replaces the base's), seed, steps."""
+    base = list(table.base)
+    if any(o.startswith("experiment=") for o in row.overrides):
+        base = [o for o in base if not o.startswith("experiment=")]
+    return [*base, *row.overrides, *extra, f"seed={seed}", f"trainer.max_steps={steps}", "test=false", "report=false"]
+
+
+def build_cfg(table: Table, row: Row, split: str, overrides: list[str], run_dir: Path) -> DictConfig:
+    """The run's config: ``overrides`` composed, then the split's train manifest and the row's vendor filter.
+
+    A vendor row's manifest is written to ``<run_dir>/train_<vendor>.json`` (never into the data folder).
+    """
+    cfg = compose_run(overrides, run_dir)
+    train_manifest = Path(cfg.data.train_manifest)
+    if table.splits[split].train:
+        train_manifest = data_folder(cfg) / table.splits[split].train
+    if row.vendor:
+        out = run_dir / f"train_{row.vendor}.json"
+        vendor_manifest(train_manifest, row.vendor, out, cfg.data.get("image_root"))
+        train_manifest = out
+    with open_dict(cfg):
+        cfg.data.train_manifest = str(train_manifest)
+    return cfg
+
+
+def data_folder(cfg: DictConfig) -> Path:
+    """The folder of the experiment's galleries (the emoji set's, for the emoji experiments)."""
+    return Path(cfg.data.val_manifest).parent
+
+
+def galleries(table: Table, split: str, cfg: DictConfig) -> dict[str, str]:
+    return {name: str(data_folder(cfg) / file) for name, file in table.splits[split].galleries.items()}
+
+
+def preflight(cfg: DictConfig, gallery_files: Iterable[str]) -> list[str]:
+    """What would stop the run: config errors and missing files, found before anything trains."""
+    try:
+        check_config(cfg)
+    except ConfigError as err:
+        return [str(err)]
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    problems = datamodule.missing_files()
+    problems += [f"gallery not found: {path}" for path in gallery_files if not Path(path).is_file()]
+    return problems
+
+
+# -- calibration -----------------------------------------------------------------------------------------
+def timing_rows(tables: Iterable[Table]) -> dict[str, tuple[Table, Row]]:
+    """Each timing the given tables use, with the row that defines it (its first row in ``TABLES`` order)."""
+    wanted = {t.timing(r) for t in tables for r in t.rows}
+    defining: dict[str, tuple[Table, Row]] = {}
+    for table in [*TABLES.values(), *tables]:
+        for row in table.rows:
+            key = table.timing(row)
+            if key in wanted and key not in defining:
+                defining[key] = (table, row)
+    return defining
+
+
+def calibrate(tables: Sequence[Table], step_times_path: Path, logs: Path, steps: int = 30, warmup: int = 5,
+              force: bool = False, extra: Sequence[str] = ()) -> dict:
+    """Median step time of every timing the tables use; merged into ``step_times_path`` after each one.
+
+    Each timing is one short run of its defining row (no checkpoints, no test): ``steps`` steps, the first
+    ``warmup`` left out of the median. Every run is checked before the first one starts.
+    """
+    data = read_json(step_times_path, {"timings": {}})
+    todo = []
+    for key, (table, row) in timing_rows(tables).items():
+        if key in data["timings"] and not force:
+            print(f"{key}: {data['timings'][key]['median_ms']:.1f} ms (calibrated {data['timings'][key]['date']})")
+            continue
+        overrides = [*row_overrides(table, row, table.seeds[0], steps, extra), f"callbacks.step_timer.warmup={warmup}"]
+        todo.append((key, table, row, overrides, logs / "calibrate" / slug(key)))
+    problems = [f"{key}: {p}" for key, table, row, overrides, run_dir in todo
+                for p in preflight(build_cfg(table, row, "test", overrides, run_dir), ())]
+    if problems:
+        raise SystemExit("not calibrating; fix these first:\n  " + "\n  ".join(problems))
+    for key, table, row, overrides, run_dir in todo:
+        load_before = machine()["loadavg"]
+        print(f"\n=== calibrate {key} ({table.name} / {row.name}): {steps} steps", flush=True)
+        cfg = build_cfg(table, row, "test", overrides, run_dir)
+        disable_checkpoints(cfg)
+        _, objects = train(cfg)
+        timer = next(cb for cb in objects["trainer"].callbacks if isinstance(cb, StepTimer))
+        timed = timer.times[timer.warmup:]
+        if not timed:
+            raise RuntimeError(f"{key}: no step after the {warmup} left out; raise --calibrate-steps")
+        deciles = statistics.quantiles(timed, n=10) if len(timed) > 1 else [timed[0]] * 9
+        data["timings"][key] = {
+            "median_ms": 1000 * statistics.median(timed), "p10_ms": 1000 * deciles[0], "p90_ms": 1000 * deciles[-1],
+            "timed_steps": len(timed), "left_out": timer.warmup, "table": table.name, "row": row.name,
+            "overrides": overrides, "date": now(), **git_state(), **machine(), "loadavg_before": load_before,
+        }
+        write_json_atomic(step_times_path, data)
+        print(f"{key}: median {data['timings'][key]['median_ms']:.1f} ms -> {step_times_path}")
+        if load_before and load_before[0] > 0.5:
+            print(f"warning: load average {load_before[0]:.2f} before this timing: the machine was not quiet")
+        del objects
+        gc.collect()
+    return data
+
+
+def default_budget_seconds(step_times: dict) -> float:
+    """The demo's budget: ``trainer.max_steps`` of the demo experiment times its calibrated step."""
+    timing = step_times.get("timings", {}).get(BUDGET_TIMING)
+    if timing is None:
+        raise SystemExit(f"no '{BUDGET_TIMING}' timing in step_times.json: run `bench/evidence.py calibrate` first")
+    demo_steps = compose_run([f"experiment={BUDGET_EXPERIMENT}"], LOGS).trainer.max_steps
+    return demo_steps * timing["median_ms"] / 1000
+
+
+def planned_steps(budget_seconds: float, median_ms: float) -> int:
+    """Steps that fit the budget at this median step (at least one)."""
+    return max(1, round(budget_seconds / (median_ms / 1000)))
+
+
+# -- runs ------------------------------------------------------------------------------------------------
+def record_path(results: Path, table: Table, split: str, row: Row, seed: int) -> Path:
+    return results / table.folder(split) / f"{row.slug}__seed{seed}.json"
+
+
+@dataclass
+class Budget:
+    """How a run's steps are chosen: fixed ``steps`` (checks), or ``seconds`` at each timing's median step."""
+
+    seconds: float | None = None
+    step_times: dict | None = None
+    steps: int | None = None
+
+    def plan(self, table: Table, row: Row) -> dict:
+        if self.steps is not None:
+            return {"steps": self.steps, "budget_seconds": None, "timing": None, "calibrated_step_ms": None}
+        key = table.timing(row)
+        timing = (self.step_times or {}).get("timings", {}).get(key)
+        if timing is None:
+            raise SystemExit(f"no timing '{key}' (row {row.name!r}) in step_times.json: run "
+                             f"`bench/evidence.py calibrate {table.name}` on a quiet machine first")
+        return {"steps": planned_steps(self.seconds, timing["median_ms"]), "budget_seconds": self.seconds,
+                "timing": key, "calibrated_step_ms": timing["median_ms"], "timing_date": timing["date"],
+                "timing_commit": timing.get("commit")}
+
+
+def run_table(table: Table, split: str, seeds: Sequence[int], budget: Budget, results: Path, logs: Path,
+              only: Sequence[str] = (), extra: Sequence[str] = (), checkpoint_every: int = CHECKPOINT_EVERY,
+              keep_checkpoints: bool = False) -> list[tuple[str, int, str]]:
+    """Run every (row, seed) of ``table`` that has no record yet; returns (row, seed, what happened) for each.
+
+    What happened: ``skipped`` (a record exists), ``busy`` (another process holds the run), ``ran``
+    (from step 0), ``resumed`` (from the run folder's last.ckpt). Every pending run is checked before
+    the first one trains, so a missing file stops the sitting at once, not hours later.
+    """
+    rows = [table.row(name) for name in only] if only else list(table.rows)
+    outcome: list[tuple[str, int, str]] = []
+    pending = []
+    for row in rows:
+        for seed in seeds:
+            if record_path(results, table, split, row, seed).is_file():
+                outcome.append((row.name, seed, "skipped"))
+            else:
+                pending.append((row, seed))
+    problems: dict[str, list[str]] = {}  # problem -> the runs it stops
+    for row, seed in pending:
+        run_dir = logs / table.folder(split) / f"{row.slug}__seed{seed}"
+        plan = read_json(run_dir / "plan.json") or budget.plan(table, row)
+        cfg = build_cfg(table, row, split, row_overrides(table, row, seed, plan["steps"], extra), run_dir)
+        for problem in preflight(cfg, galleries(table, split, cfg).values()):
+            problems.setdefault(problem, []).append(f"{row.name!r} seed {seed}")
+    if problems:
+        raise SystemExit("not starting; fix these first:\n" + "\n".join(
+            f"  {problem}\n    (stops {', '.join(runs)})" for problem, runs in problems.items()))
+    for row, seed in pending:
+        outcome.append((row.name, seed, run_one(table, row, split, seed, budget, results, logs, extra,
+                                                checkpoint_every, keep_checkpoints)))
+    return outcome
+
+
+def run_one(table: Table, row: Row, split: str, seed: int, budget: Budget, results: Path, logs: Path,
+            extra: Sequence[str], checkpoint_every: int, keep_checkpoints: bool) -> str:
+    """Train (or resume) one (row, seed), score its galleries, write its record; returns what happened."""
+    run_dir = logs / table.folder(split) / f"{row.slug}__seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"\n=== {table.name} / {row.name} / seed {seed}: another process is running it, skipped")
+            return "busy"
+        record_file = record_path(results, table, split, row, seed)
+        if record_file.is_file():  # finished by another process since this one listed the runs
+            return "skipped"
+        plan_file = run_dir / "plan.json"
+        plan = read_json(plan_file)
+        if plan is None:  # the steps are fixed at the first start, whatever is recalibrated later
+            plan = {**budget.plan(table, row), "row": row.name, "seed": seed, "split": split, "created": now()}
+            write_json_atomic(plan_file, plan)
+        overrides = row_overrides(table, row, seed, plan["steps"], extra)
+        cfg = build_cfg(table, row, split, overrides, run_dir)
+        enable_crash_recovery(cfg, checkpoint_every)
+        checkpoint = last_checkpoint(run_dir)
+        clock = SittingClock.__module__ + "." + SittingClock.__qualname__
+        with open_dict(cfg):
+            cfg.callbacks.evidence_sittings = {"_target_": clock, "path": str(run_dir / "sittings.json")}
+            cfg.ckpt_path = str(checkpoint) if checkpoint else None
+        state = "resumed" if checkpoint else "ran"
+        print(f"\n=== {table.folder(split)} / {row.name} / seed {seed}: {plan['steps']} steps"
+              + (f", resuming {checkpoint}" if checkpoint else ""), flush=True)
+        metrics, objects = train(cfg)
+        trainer, module, datamodule = objects["trainer"], objects["module"], objects["datamodule"]
+        start = time.perf_counter()
+        scores = score_galleries(trainer, module, datamodule, galleries(table, split, cfg))
+        test_minutes = (time.perf_counter() - start) / 60
+        timer = next((cb for cb in trainer.callbacks if isinstance(cb, StepTimer)), None)
+        measured = timer.median_step_seconds() if timer else None
+        sittings = read_json(run_dir / "sittings.json", [])
+        record = {
+            "table": table.name, "row": row.name, "row_slug": row.slug, "seed": seed, "split": split,
+            "row_overrides": list(row.overrides), "overrides": overrides, "vendor": row.vendor,
+            "train_manifest": cfg.data.train_manifest, "noise_seed": cfg.data.get("noise_seed"),
+            **{k: plan.get(k) for k in ("steps", "budget_seconds", "timing", "calibrated_step_ms", "timing_date",
+                                        "timing_commit")},
+            "global_step": int(trainer.global_step), "checkpoint_every": checkpoint_every,
+            "galleries": scores,
+            "train_minutes": sum(s["seconds"] for s in sittings) / 60,
+            "budget_minutes": (plan["steps"] * plan["calibrated_step_ms"] / 60000
+                               if plan.get("calibrated_step_ms") else None),
+            "test_minutes": test_minutes,
+            "measured_step_ms": 1000 * measured if measured else None,  # the last sitting's median (shared machine)
+            "sittings": sittings, "resumed": bool(checkpoint) or len(sittings) > 1,
+            "train_loss": metrics.get("train/loss"),
+            **amf_stats(module),
+            "finished": now(), **git_state(), "machine": machine(), "run_dir": str(run_dir),
+        }
+        write_json_atomic(record_file, record)
+        print(f"wrote {record_file}: " + ", ".join(f"{g} rsum {s['rsum']:.1f}" for g, s in scores.items()))
+        if not keep_checkpoints:  # they are only for crash recovery; the record is the result
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        del objects, trainer, module, datamodule
+        gc.collect()
+        return state
+
+
+# -- tables ----------------------------------------------------------------------------------------------
+def read_records(results: Path, table: Table, split: str) -> dict[tuple[str, int], dict]:
+    """Records of a table by (row slug, seed)."""
+    records = {}
+    for path in sorted((results / table.folder(split)).glob("*__seed*.json")):
+        record = json.loads(path.read_text())
+        records[(record["row_slug"], int(record["seed"]))] = record
+    return records
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); None where undefined."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarize_row(row: Row, records: dict[tuple[str, int], dict], seeds: Sequence[int], gallery_names: Sequence[str],
+                  other_vendor: dict[str, str] | None = None) -> dict:
+    """n, per-gallery rsum (mean, std, per seed), minutes, steps and AMF figures of one row."""
+    found = {seed: rec for (name, seed), rec in records.items() if name == row.slug}
+    all_seeds = sorted(set(seeds) | set(found))
+    out = {"row": row.name, "n": len(found), "seeds": all_seeds, "missing": [s for s in all_seeds if s not in found],
+           "rsum": {}, "steps": sorted({rec["steps"] for rec in found.values()})}
+    for gallery in gallery_names:
+        per_seed = {seed: found[seed]["galleries"][gallery]["rsum"] if seed in found else None for seed in all_seeds}
+        mean, std = mean_std([v for v in per_seed.values() if v is not None])
+        out["rsum"][gallery] = {"mean": mean, "std": std, "per_seed": per_seed}
+    for key in ("train_minutes", "budget_minutes", "amf_precision", "amf_recall", "amf_filtered_after_warmup"):
+        out[key] = mean_std([rec[key] for rec in found.values() if rec.get(key) is not None])
+    if row.vendor and other_vendor:  # in-style minus cross-style, within each run
+        gaps = [rec["galleries"][row.vendor]["rsum"] - rec["galleries"][other_vendor[row.vendor]]["rsum"]
+                for rec in found.values()]
+        out["in_minus_cross"] = mean_std(gaps)
+    return out
+
+
+def fmt(mean: float | None, std: float | None, digits: int = 1) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def delta(a: dict, b: dict) -> str:
+    """Difference of two rows' means ± the standard error of that difference (Welch; needs n ≥ 2 each)."""
+    if a["mean"] is None or b["mean"] is None:
+        return "–"
+    a_n = sum(v is not None for v in a["per_seed"].values())
+    b_n = sum(v is not None for v in b["per_seed"].values())
+    diff = a["mean"] - b["mean"]
+    if a["std"] is None or b["std"] is None:
+        return f"{diff:+.1f}"
+    return f"{diff:+.1f} ± {(a['std'] ** 2 / a_n + b['std'] ** 2 / b_n) ** 0.5:.1f}"
+
+
+def build_table(table: Table, split: str, results: Path, seeds: Sequence[int] | None = None) -> tuple[str, list[dict]]:
+    """The markdown of a table from its records, and the per-row summaries it shows."""
+    seeds = list(seeds or table.seeds)
+    records = read_records(results, table, split)
+    names = list(table.splits[split].galleries)
+    other = {names[0]: names[1], names[1]: names[0]} if len(names) == 2 else None
+    summaries = [summarize_row(row, records, seeds, names, other) for row in table.rows]
+    by_name = {s["row"]: s for s in summaries}
+    reference = None
+    if table.reference:
+        ref_table = TABLES[table.reference[0]]
+        ref_row = ref_table.row(table.reference[1])
+        reference = summarize_row(ref_row, read_records(results, ref_table, split), ref_table.seeds, names)
+        reference["row"] = f"{ref_row.name} (reference: {ref_table.folder(split)})"
+    show_amf = any("amf_counts" in record for record in records.values())  # a run with AMF on
+    show_gap = any("in_minus_cross" in s for s in summaries)
+    lines = []
+    for s in [*summaries, *([reference] if reference else [])]:
+        row = next((r for r in table.rows if r.name == s["row"]), None)  # None for the reference row
+        cells = {"row": s["row"], "n": f"{s['n']}/{len(s['seeds'])}"}
+        for g in names:
+            cells[g] = fmt(s["rsum"][g]["mean"], s["rsum"][g]["std"])
+            cells[f"d_{g}"] = delta(s["rsum"][g], by_name[row.vs]["rsum"][g]) if row and row.vs else ""
+        cells["per_seed"] = ", ".join(
+            f"{seed}: " + " / ".join(fmt(s["rsum"][g]["per_seed"][seed], None) for g in names) for seed in s["seeds"])
+        cells["steps"] = "/".join(map(str, s["steps"])) or "–"
+        cells["train_min"] = fmt(*s["train_minutes"])
+        cells["budget_min"] = fmt(*s["budget_minutes"])
+        cells["precision"] = fmt(*[None if v is None else 100 * v for v in s["amf_precision"]])
+        cells["recall"] = fmt(*[None if v is None else 100 * v for v in s["amf_recall"]])
+        cells["filtered"] = fmt(*[None if v is None else 100 * v for v in s["amf_filtered_after_warmup"]])
+        cells["gap"] = fmt(*s["in_minus_cross"]) if "in_minus_cross" in s else ""
+        lines.append(cells)
+    columns = [("row", "row", ""), ("n", "n", "")]
+    columns += [(f"{g.capitalize()} rsum", g, "") for g in names]
+    if any(r.vs for r in table.rows):
+        columns += [(f"Δ {g.capitalize()}", f"d_{g}", "") for g in names]
+    if show_gap:
+        columns.append(("in − cross", "gap", ""))
+    if show_amf:
+        columns += [("AMF precision %", "precision", ""), ("AMF recall %", "recall", ""),
+                    ("filtered %", "filtered", "")]
+    columns += [("per seed (" + " / ".join(g.capitalize() for g in names) + ")", "per_seed", ""),
+                ("steps", "steps", ""), ("train min", "train_min", ""), ("budget min", "budget_min", "")]
+    return render(table, split, records, lines, columns), summaries
+
+
+def render(table: Table, split: str, records: dict, lines: list[dict], columns: list) -> str:
+    """Header (what was run, where, on which budget), the table, and how to read it."""
+    any_record = next(iter(records.values()), None)
+    gallery_lines = []
+    if any_record:
+        for name, g in any_record["galleries"].items():
+            chance = chance_table(g["images"], g["captions"] / max(g["images"], 1))["rsum"]
+            gallery_lines.append(f"{name}: `{Path(g['manifest']).name}`, {g['images']} images "
+                                 f"(chance rsum {chance:.1f})")
+    budgets = sorted({r["budget_seconds"] for r in records.values() if r.get("budget_seconds")})
+    commits = sorted({(r.get("commit") or "?")[:10] + ("+" if r.get("modified") else "") for r in records.values()})
+    vs = {r.name: r.vs for r in table.rows if r.vs}
+    parts = [
+        f"# {table.title} ({table.folder(split)})",
+        "",
+        f"Split `{split}`: " + ("trained on the experiment's manifest" if not table.splits[split].train
+                                  else f"trained on `{table.splits[split].train}`")
+        + f"; base `{' '.join(table.base)}`; galleries " + ("; ".join(gallery_lines) or "(no records yet)") + ".",
+        "Budget: " + (", ".join(f"{b:.0f} s ({b / 60:.1f} min)" for b in budgets) or "–")
+        + " of calibrated steps per run (steps = budget / the row's median step in `step_times.json`); "
+        + f"runs at commit {', '.join(commits) or '–'} (`+`: with uncommitted changes).",
+        "",
+        "rsum: R@1 + R@5 + R@10 of image→text and text→image, in %, max 600; mean ± sample std over the seeds "
+        "that have a record (n = records / seeds asked for; a missing seed shows as –). Δ: this row's mean minus "
+        "that of the row it is compared with, ± the standard error of the difference. "
+        "train min: wall minutes spent training, summed over sittings (on a shared machine, more than "
+        "budget min = steps × calibrated step).",
+    ]
+    if vs:
+        parts.append("Compared with: " + "; ".join(f"{a} vs {b}" for a, b in vs.items()) + ".")
+    if table.notes:
+        parts += ["", table.notes]
+    slugs = {row.slug for row in table.rows}
+    strays = [f"{name} seed {seed}" for name, seed in records if name not in slugs]
+    if strays:  # a renamed or removed row: its records are kept but not shown
+        parts += ["", "Records of no row of this table (not shown): " + ", ".join(strays) + "."]
+    command = f"python bench/evidence.py table {table.name}" + (f" --split {split}" if split != "test" else "")
+    parts += ["", markdown_table(lines, columns), "",
+              f"Built by `{command}` from {len(records)} records in `{table.folder(split)}/`."]
+    return "\n".join(parts) + "\n"
+
+
+# -- command line ----------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, tables_nargs: str = "+") -> None:
+        p.add_argument("tables", nargs=tables_nargs, metavar="TABLE",  # checked below (choices rejects [] for *)
+                       help=f"of {', '.join(TABLES)}" + (" (default: all)" if tables_nargs == "*" else ""))
+        p.add_argument("--results", type=Path, default=RESULTS, help="records, tables and step_times.json")
+        p.add_argument("--step-times", type=Path, default=None, help="default: <results>/step_times.json")
+
+    p_cal = sub.add_parser("calibrate", help="median step time of every timing the tables use (quiet machine)")
+    common(p_cal, "*")
+    p_cal.add_argument("--force", action="store_true", help="calibrate again the timings that already have one")
+    p_cal.add_argument("--calibrate-steps", type=int, default=30)
+    p_cal.add_argument("--left-out", type=int, default=5, help="first steps left out of the median")
+    p_cal.add_argument("--logs", type=Path, default=LOGS)
+    p_cal.add_argument("--overrides", nargs="+", default=[], help="Hydra overrides for every timing run")
+
+    p_run = sub.add_parser("run", help="run the (row, seed) pairs that have no record; resume interrupted ones")
+    common(p_run)
+    p_run.add_argument("--split", choices=["test", "val"], default="test", help="val: selection mode")
+    p_run.add_argument("--seeds", type=int, nargs="+", help="default: the table's")
+    p_run.add_argument("--only", nargs="+", metavar="ROW", help="these rows only (name or slug)")
+    p_run.add_argument("--budget-seconds", type=float, help="default: the demo's steps x the demo's step")
+    p_run.add_argument("--steps", type=int, help="fixed steps for every run (checks; needs --results and --logs)")
+    p_run.add_argument("--logs", type=Path, default=LOGS, help="run folders")
+    p_run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY)
+    p_run.add_argument("--keep-checkpoints", action="store_true", help="keep last.ckpt after the record")
+    p_run.add_argument("--overrides", nargs="+", default=[], help="Hydra overrides for every run (recorded)")
+
+    p_table = sub.add_parser("table", help="write <results>/<table>.md from the records")
+    common(p_table, "*")
+    p_table.add_argument("--split", choices=["test", "val"], default="test")
+    p_table.add_argument("--seeds", type=int, nargs="+", help="seeds expected (default: the table's)")
+
+    p_list = sub.add_parser("list", help="every table's rows, overrides, timings and planned steps")
+    common(p_list, "*")
+
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.tables if name not in TABLES]
+    if unknown:
+        parser.error(f"unknown table(s) {unknown}: choose from {list(TABLES)}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_float32_matmul_precision("high")  # as cots-train does
+    tables = [TABLES[name] for name in (args.tables or TABLES)]
+    step_times_path = args.step_times or args.results / "step_times.json"
+
+    if args.command == "calibrate":
+        calibrate(tables, step_times_path, args.logs, args.calibrate_steps, args.left_out, args.force, args.overrides)
+    elif args.command == "run":
+        if args.steps is not None and (args.results == RESULTS or args.logs == LOGS):
+            parser.error("--steps is for checks: give --results and --logs outside bench/results and logs/bench")
+        if args.steps is not None:
+            budget = Budget(steps=args.steps)
+        else:
+            step_times = read_json(step_times_path, {"timings": {}})
+            seconds = args.budget_seconds or default_budget_seconds(step_times)
+            print(f"budget: {seconds:.0f} s ({seconds / 60:.1f} min) of calibrated steps per run")
+            budget = Budget(seconds=seconds, step_times=step_times)
+        for table in tables:
+            outcome = run_table(table, args.split, args.seeds or table.seeds, budget, args.results, args.logs,
+                                args.only or (), args.overrides, args.checkpoint_every, args.keep_checkpoints)
+            print("\n".join(f"{table.folder(args.split)} / {row} / seed {seed}: {what}" for row, seed, what in outcome))
+    elif args.command == "table":
+        for table in tables:
+            markdown, _ = build_table(table, args.split, args.results, args.seeds)
+            out = args.results / f"{table.folder(args.split)}.md"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(markdown)
+            print(f"{markdown}\nwrote {out}")
+    else:
+        step_times = read_json(step_times_path, {"timings": {}})
+        seconds = None
+        if BUDGET_TIMING in step_times["timings"]:
+            seconds = default_budget_seconds(step_times)
+        for table in tables:
+            print(f"\n{table.name}: {table.title}; seeds {list(table.seeds)}; base {' '.join(table.base)}")
+            for row in table.rows:
+                timing = step_times["timings"].get(table.timing(row))
+                steps = planned_steps(seconds, timing["median_ms"]) if timing and seconds else None
+                print(f"  {row.name!r}: {' '.join(row.overrides) or '(base)'}"
+                      + (f" [train on {row.vendor} only]" if row.vendor else "")
+                      + f"; timing {table.timing(row)}: "
+                      + (f"{timing['median_ms']:.0f} ms -> {steps} steps" if timing else "not calibrated"))
+
+
+if __name__ == "__main__":
+    main()

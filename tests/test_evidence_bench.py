@@ -1,0 +1,142 @@
+"""bench/evidence.py: resumable multi-seed runs, their records, and the tables built from them.
+
+The runs are the real path (``cots.train.train`` on the tiny synthetic settings of conftest.TINY),
+with fixed steps instead of a calibrated budget; the table arithmetic is checked on records whose
+values are chosen so that the mean and standard deviation are known.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from conftest import TINY
+from cots.checkpoints import read_checkpoint
+from cots.data.manifest import ManifestError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import evidence  # noqa: E402
+
+
+class CrashAt(L.Callback):
+    """Fails the run at optimizer step ``step``, as a session that ends mid-run would stop it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"stopped at step {trainer.global_step}")
+
+
+def tiny_table(data_dir: Path, rows: tuple[evidence.Row, ...] | None = None, galleries=None) -> evidence.Table:
+    return evidence.Table(
+        "tiny", "tiny runs",
+        rows or (evidence.Row("contrastive", ("objective=contrastive_only",)),),
+        seeds=(0, 1),
+        base=(*TINY, f"paths.data_dir={data_dir}", "callbacks.model_checkpoint.monitor=null",
+              "callbacks.model_checkpoint.save_top_k=0"),
+        splits={"test": evidence.Split(None, galleries or {"shapes": "test.json"})},
+    )
+
+
+def test_interrupted_run_resumes_and_finished_runs_are_skipped(tmp_path, data_dir, monkeypatch):
+    table = tiny_table(data_dir)
+    results, logs = tmp_path / "results", tmp_path / "logs"
+    budget = evidence.Budget(steps=4)
+    crash = f"+callbacks.crash={{_target_:{CrashAt.__module__}.CrashAt,step:3}}"
+    with pytest.raises(RuntimeError, match="stopped at step 3"):
+        evidence.run_table(table, "test", [0], budget, results, logs, extra=[crash], checkpoint_every=2)
+    run_dir = logs / "tiny" / "contrastive__seed0"
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert not evidence.record_path(results, table, "test", table.rows[0], 0).exists()
+
+    # the next sitting resumes seed 0 from its last.ckpt and runs seed 1 from scratch
+    outcome = evidence.run_table(table, "test", [0, 1], budget, results, logs, checkpoint_every=2)
+    assert outcome == [("contrastive", 0, "resumed"), ("contrastive", 1, "ran")]
+    record = json.loads(evidence.record_path(results, table, "test", table.rows[0], 0).read_text())
+    assert record["global_step"] == 4 and record["steps"] == 4 and record["resumed"]
+    assert [(s["start_step"], s["end_step"]) for s in record["sittings"]] == [(0, 3), (2, 4)]
+    assert record["train_minutes"] == pytest.approx(sum(s["seconds"] for s in record["sittings"]) / 60)
+    assert "seed=0" in record["overrides"] and record["galleries"]["shapes"]["images"] == 64
+    assert 0.0 <= record["galleries"]["shapes"]["rsum"] <= 600.0
+    assert not (run_dir / "checkpoints").exists()  # crash-recovery files go once the record is written
+    fresh = json.loads(evidence.record_path(results, table, "test", table.rows[0], 1).read_text())
+    assert not fresh["resumed"] and len(fresh["sittings"]) == 1
+
+    # a third sitting finds both records and trains nothing
+    monkeypatch.setattr(evidence, "train", lambda cfg: pytest.fail("a finished run was trained again"))
+    outcome = evidence.run_table(table, "test", [0, 1], budget, results, logs, checkpoint_every=2)
+    assert outcome == [("contrastive", 0, "skipped"), ("contrastive", 1, "skipped")]
+
+
+def write_record(results: Path, table: evidence.Table, row: evidence.Row, seed: int, rsum: dict[str, float],
+                 **extra) -> None:
+    galleries = {name: {"rsum": value, "manifest": f"/d/test_{name}.json", "images": 10, "captions": 10}
+                 for name, value in rsum.items()}
+    record = {"row": row.name, "row_slug": row.slug, "seed": seed, "steps": 7, "galleries": galleries,
+              "train_minutes": 2.0, "budget_minutes": 1.5, "budget_seconds": 90.0, "commit": "abc", **extra}
+    evidence.write_json_atomic(evidence.record_path(results, table, "test", row, seed), record)
+
+
+def test_table_mean_std_and_seed_values_come_from_the_records(tmp_path):
+    rows = (evidence.Row("base"), evidence.Row("more", vs="base"), evidence.Row("google only", vendor="google"))
+    table = tiny_table(tmp_path, rows, {"google": "test_google.json", "twitter": "test_twitter.json"})
+    results = tmp_path / "results"
+    base = {0: (100.0, 90.0), 1: (110.0, 96.0), 2: (120.0, 93.0)}
+    for seed, (google, twitter) in base.items():
+        write_record(results, table, rows[0], seed, {"google": google, "twitter": twitter})
+    write_record(results, table, rows[1], 0, {"google": 130.0, "twitter": 100.0}, amf_precision=0.5)
+    write_record(results, table, rows[1], 2, {"google": 140.0, "twitter": 104.0}, amf_precision=0.7)
+    write_record(results, table, rows[2], 0, {"google": 150.0, "twitter": 60.0})
+    write_record(results, table, rows[2], 1, {"google": 160.0, "twitter": 80.0})
+
+    markdown, summaries = evidence.build_table(table, "test", results, seeds=[0, 1, 2])
+    first, second, vendor = summaries
+    assert first["n"] == 3 and first["missing"] == []
+    assert first["rsum"]["google"]["mean"] == pytest.approx(110.0)
+    assert first["rsum"]["google"]["std"] == pytest.approx(10.0)  # sample std (n - 1)
+    assert first["rsum"]["twitter"]["std"] == pytest.approx(statistics.stdev([90.0, 96.0, 93.0]))
+    assert first["rsum"]["google"]["per_seed"] == {0: 100.0, 1: 110.0, 2: 120.0}
+    assert second["n"] == 2 and second["missing"] == [1]
+    assert second["rsum"]["google"]["per_seed"] == {0: 130.0, 1: None, 2: 140.0}
+    assert second["amf_precision"][0] == pytest.approx(0.6)
+    assert vendor["in_minus_cross"][0] == pytest.approx(85.0)  # (90 + 80) / 2, within each run
+    assert vendor["in_minus_cross"][1] == pytest.approx(statistics.stdev([90.0, 80.0]))
+    lines = {line.split(" | ")[0].strip("| "): line for line in markdown.splitlines() if line.startswith("| ")}
+    assert "110.0 ± 10.0" in lines["base"] and "0: 100.0 / 90.0" in lines["base"]
+    assert "135.0 ± 7.1" in lines["more"] and "1: – / –" in lines["more"] and "2/3" in lines["more"]
+    se = (10.0**2 / 3 + statistics.stdev([130.0, 140.0]) ** 2 / 2) ** 0.5
+    assert f"+25.0 ± {se:.1f}" in lines["more"]  # Δ vs base: difference of means ± its standard error
+
+
+def test_steps_follow_the_budget_and_each_row_timing():
+    step_times = {"timings": {"demo": {"median_ms": 1500.0, "date": "d"}, "slow": {"median_ms": 1800.0, "date": "d"}}}
+    budget = evidence.Budget(seconds=450 * 1.5, step_times=step_times)
+    table = evidence.Table("t", "t", (evidence.Row("a", timing="demo"), evidence.Row("b", timing="slow")))
+    assert budget.plan(table, table.rows[0])["steps"] == 450
+    assert budget.plan(table, table.rows[1])["steps"] == 375  # 675 s / 1.8 s: a costlier step buys fewer
+    with pytest.raises(SystemExit, match="calibrate"):
+        budget.plan(table, evidence.Row("c"))
+
+
+def test_vendor_manifest_keeps_only_that_vendors_images(tmp_path):
+    source = tmp_path / "emoji" / "train_names.json"
+    source.parent.mkdir()
+    entries = [{"image": "images/google/1f600.png", "caption": "grinning face"},
+               {"image": "images/twitter/1f600.png", "caption": "grinning face"},
+               {"image": "images/google/1f601.png", "caption": "beaming face"},
+               {"image": "images/googlex/1f602.png", "caption": "not google"}]
+    source.write_text(json.dumps(entries))
+    out = tmp_path / "run" / "train_google.json"
+    assert evidence.vendor_manifest(source, "google", out) == 2
+    kept = json.loads(out.read_text())
+    assert [Path(e["image"]) for e in kept] == [source.parent / "images/google/1f600.png",
+                                                source.parent / "images/google/1f601.png"]
+    assert [e["caption"] for e in kept] == ["grinning face", "beaming face"]
+    with pytest.raises(ManifestError, match="apple"):
+        evidence.vendor_manifest(source, "apple", out)
