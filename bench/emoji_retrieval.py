@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runs import RETRIEVAL_KEYS, base_args, compose_run, score_galleries, slug, write_results  # noqa: E402
 
-from cots.eval.retrieval import chance_table  # noqa: E402
+from cots.metrics.retrieval import chance_table  # noqa: E402
 from cots.train import train  # noqa: E402
 
 SETTINGS = [("default objective", []), ("contrastive only", ["objective=contrastive_only"])]

@@ -85,7 +85,7 @@ from runs import amf_stats, compose_run, score_galleries, slug
 from cots.callbacks import StepTimer
 from cots.config_checks import ConfigError, check_config
 from cots.data.manifest import ManifestError
-from cots.eval.retrieval import chance_table
+from cots.metrics.retrieval import chance_table
 from cots.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,10 +2,10 @@
 # Paper-scale training step on one GPU, offline, in under 8 minutes: ViT-B/16 at 384 px + BERT-base
 # (from scratch), K=65536, bf16 autocast, fused attention (timm and BERT 'sdpa'). The full COTS step
 # against the CLIP step on the same towers: ms/step, pairs/s, FLOPs, MFU against this card's bf16
-# matmul rate measured in the same run (torch.mm 8192^3), peak memory. Runs bench/step.py.
+# matmul rate measured in the same run (torch.mm 8192^3), peak memory. Runs bench/step_speed.py.
 #
 #   bash bench/gpu.sh                        # batch 128 (experiment=cots_vitb384), 10 warm-up + 20 timed steps
-#   bash bench/gpu.sh --batch 64             # extra arguments go to bench/step.py (flags and Hydra overrides)
+#   bash bench/gpu.sh --batch 64             # extra arguments go to bench/step_speed.py (flags and Hydra overrides)
 #   bash bench/gpu.sh module.compile=null    # eager towers (cots_vitb384 compiles them, with fused AdamW)
 #   OUT=/some/dir bash bench/gpu.sh          # JSON and log go to $OUT (default logs/bench)
 #
@@ -54,7 +54,7 @@ for name in ("timm", "transformers", "hydra", "omegaconf", "yaml", "cots.models.
         missing.append(name)
         print(f"  {name}: cannot import ({type(err).__name__}: {err})")
 if "lightning" in sys.modules:
-    print("  note: lightning was imported (not needed by bench/step.py)")
+    print("  note: lightning was imported (not needed by bench/step_speed.py)")
 if gpu == "none":
     print("  no CUDA device: only a CPU dry run can work here (pass --device cpu --dry-run)")
 sys.exit(1 if missing else 0)
@@ -62,6 +62,6 @@ PYEOF
 
 # The DALL-E encoder's weights (hundreds of MB) do not travel: the step takes dVAE tokens as from the
 # token cache (random ids). With weights on the machine, add data.image_tokens.source=online.
-timeout 450 "$PY" bench/step.py --device cuda --precision bf16 --shapes paper --warmup 10 --steps 20 \
+timeout 450 "$PY" bench/step_speed.py --device cuda --precision bf16 --shapes paper --warmup 10 --steps 20 \
   --out "$OUT_DIR/step_paper_gpu.json" data.image_tokens.source=cache "$@" 2>&1 | tee "$OUT_DIR/step_paper_gpu.log"
 exit "${PIPESTATUS[0]}"

@@ -3,7 +3,7 @@
     python bench/masked_pairs.py                          # experiment=emoji_mvlm, needs data/emoji (make emoji-data)
     python bench/masked_pairs.py --out logs/bench/masked_pairs.json --steps 8
 
-Each row times ``compute_step`` + backward under the experiment's bf16 autocast (no optimizer, no EMA),
+Each row times the training step (``cots.training_step``) + backward under the experiment's bf16 autocast (no optimizer, no EMA),
 median of ``--steps`` after one warm-up, twice: on one batch repeated (every shape the same each step)
 and on successive batches of the train loader (block masks, masked-word counts and caption lengths
 change each step, as in training): a gap between the two columns would be what changing shapes cost
@@ -21,20 +21,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import autocast, compose_config, machine_info, markdown_table, time_calls, write_json  # noqa: E402
 
-from cots.step import compute_step  # noqa: E402
 from cots.train import build_module  # noqa: E402
 
 SETTINGS = [("token level off", None, False), ("8 pairs", 8, True), ("16 pairs", 16, True),
             ("32 pairs", 32, True), ("all pairs", None, True)]
 
 
-def time_step(model, objective, batches: list[dict], params: list[torch.Tensor]) -> float:
+def time_step(model, training_step, batches: list[dict], params: list[torch.Tensor]) -> float:
     """Median ms of forward + objective + backward over ``batches[1:]`` (the first is a warm-up)."""
     batch_stream = iter(batches)
 
     def step() -> None:
         with autocast("cpu", "bf16"):
-            loss = compute_step(model, objective, next(batch_stream)).terms["loss"]
+            loss = training_step(model, next(batch_stream)).terms["loss"]
         loss.backward()
         for param in params:
             param.grad = None
@@ -59,7 +58,7 @@ def main() -> None:
     tokenizer = datamodule.build_text_tokenizer(None)
     torch.manual_seed(cfg.seed)
     module = build_module(cfg, tokenizer.vocab_size, tokenizer.to_str(), tokenizer.mask_id, tokenizer.special_ids)
-    model, objective = module.model.train(), module.objective
+    model, objective = module.model.train(), module.step.objective
     if not objective.token_level:
         raise SystemExit(f"experiment={args.experiment} has no token level (objective.cmvm / objective.cmlm)")
     loader = iter(datamodule.train_dataloader())
@@ -71,8 +70,8 @@ def main() -> None:
         objective.masked_pairs = pairs
         cmvm, cmlm = objective.cmvm.enabled, objective.cmlm.enabled
         objective.cmvm.enabled, objective.cmlm.enabled = cmvm and token_level, cmlm and token_level
-        same = time_step(model, objective, [batches[0]] * (args.steps + 1), params)
-        changing = time_step(model, objective, batches, params)
+        same = time_step(model, module.step, [batches[0]] * (args.steps + 1), params)
+        changing = time_step(model, module.step, batches, params)
         objective.cmvm.enabled, objective.cmlm.enabled = cmvm, cmlm
         rows.append({"setting": name, "same_batch_ms": same, "successive_batches_ms": changing})
         print(rows[-1], flush=True)

@@ -1,6 +1,6 @@
 """What the performance benchmarks share: config composition, peak memory, matmul rate, FLOP counts, tables.
 
-Nothing here imports Lightning (nor ``cots.train``, which does): ``bench/step.py`` runs on
+Nothing here imports Lightning (nor ``cots.train``, which does): ``bench/step_speed.py`` runs on
 machines that have only PyTorch, timm, transformers and the Hydra wheels.
 """
 from __future__ import annotations

@@ -41,7 +41,7 @@ def amf_stats(module) -> dict:
     precision is the noisy share of what it filtered, recall the filtered share of the noisy pairs
     (None where the denominator is 0: nothing filtered, or no injected noise).
     """
-    if module.objective.amf is None:
+    if module.amf is None:
         return {}
     tp, fp, fn, tn = (float(x) for x in module.amf_noise_counts)
     seen = tp + fp + fn + tn

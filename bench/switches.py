@@ -5,14 +5,14 @@
     python bench/switches.py --device cuda --shape paper module.compile=null   # on a GPU, eager rows
     python bench/switches.py --out logs/bench/switches.json
 
-Rows, each the full COTS step of ``bench/step.py`` (forward, objective, backward, AdamW, EMA) with
+Rows, each the full COTS step of ``bench/step_speed.py`` (forward, objective, backward, AdamW, EMA) with
 one thing changed against the first row, the shape's experiment as configured: SDPA attention in
 both towers, the ``_foreach`` EMA, and the experiment's AdamW (``emoji_demo``: fused).
 The first row is measured again last, so that the drift of the machine during the run is in the table.
 Micro rows time the pieces that a whole step hides in its noise: one EMA update of the model's
 parameters (``_foreach`` against a per-tensor loop) and one ``optimizer.step`` (per-tensor loop,
 ``foreach``, ``fused``), on the same parameters. The token cache against the online dVAE is
-``bench/step.py`` with ``data=emoji_tokens objective=mvlm data.image_tokens.source=cache|online``.
+``bench/step_speed.py`` with ``data=emoji_tokens objective=mvlm data.image_tokens.source=cache|online``.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from measure import (  # noqa: E402
     time_calls,
     write_json,
 )
-from step import SHAPES, _vocab_size, build_full, fill_from_tokenizer, random_batch  # noqa: E402
+from step_speed import SHAPES, _vocab_size, build_full, fill_from_tokenizer, random_batch  # noqa: E402
 
 
 def eager_attention(model) -> None:
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     release_freed_memory()
     base = SHAPES[args.shape].overrides + args.overrides
     if args.dry_run:
-        from step import DRY_RUN_BATCH, DRY_RUN_OVERRIDES
+        from step_speed import DRY_RUN_BATCH, DRY_RUN_OVERRIDES
 
         base += DRY_RUN_OVERRIDES
         args.batch_size, args.warmup, args.steps, args.micro_steps = DRY_RUN_BATCH, 1, 2, 2

@@ -67,7 +67,7 @@ class AMFHistogram(L.Callback):
 
     def draw(self, trainer, module) -> Path | None:
         self._last_step = step = trainer.global_step
-        amf = getattr(getattr(module, "objective", None), "amf", None)
+        amf = getattr(module, "amf", None)
         if amf is None or not trainer.is_global_zero:
             return None
         values = amf.similarity_queue.ordered()

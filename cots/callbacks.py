@@ -95,6 +95,6 @@ class RecoveryCheckpoint(L.Callback):
         """Write ``last.ckpt`` at this step (once per step; on every rank, as Lightning requires)."""
         if trainer.global_step == self._saved_step or trainer.sanity_checking or trainer.fast_dev_run:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # everything a resume needs
         self._saved_step = trainer.global_step
         self._last_save_time = time.monotonic()

@@ -29,6 +29,26 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
+# Names that changed since earlier checkpoints: state-dict key prefix, old -> new.
+RENAMED_STATE_PREFIXES = {"objective.amf.": "amf."}  # the AMF left the objective for the training step
+
+
+def upgrade_state_dict(state_dict: dict) -> dict:
+    """Rename, in place, the keys of an older checkpoint's state dict to today's (and return it)."""
+    for old, new in RENAMED_STATE_PREFIXES.items():
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[new + key[len(old):]] = state_dict.pop(key)
+    return state_dict
+
+
+def upgrade_run_config(config: dict) -> dict:
+    """An older checkpoint's run config in today's keys (a copy): ``objective.image_tokenizer`` is gone (the
+    CMVM targets read ``data.image_tokens`` themselves)."""
+    config = {**config, "objective": dict(config.get("objective") or {})}
+    config["objective"].pop("image_tokenizer", None)
+    return config
+
+
 def seed_rank_streams(seed: int, rank: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) with ``seed + rank``: each rank draws its own dropout,
     drop-path and masking streams (as timm, BEiT and open_clip do), after every rank built the same model."""

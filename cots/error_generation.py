@@ -1,11 +1,12 @@
-"""ViLEM's plausible caption errors (DESIGN §7): choose positions, replace each from a masked-LM's top-k.
+"""ViLEM's plausible caption errors (METHOD §7): choose positions, replace each from a masked-LM's top-k.
 
-Pure tensor functions; the generator's logits come from the caller (the model's own CMLM
-head, or :class:`MaskedLMGenerator`, a local Hugging Face masked LM).
+Pure tensor functions, and :class:`CaptionEditor`, which applies them to a batch with the
+configured generator (the model's own CMLM head, or :class:`MaskedLMGenerator`, a local Hugging
+Face masked LM). The training step and validation's detection scores both edit through it.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +63,6 @@ def sample_replacements(
     Returns:
         (M,) long replacement ids.
     """
-    if top_k < 1:
-        raise ValueError(f"objective.vilem.top_k must be at least 1, got {top_k}")
     scores = logits.detach().float()  # M x V
     scores = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
     forbidden = [i for i in set(int(i) for i in forbidden_ids) if 0 <= i < scores.shape[1]]
@@ -126,3 +125,44 @@ class MaskedLMGenerator:
         with torch.autocast(masked_ids.device.type, enabled=False):
             logits = self.model(input_ids=masked_ids, attention_mask=attention_mask).logits  # B x L x V
         return logits[chosen].float()
+
+
+class CaptionEditor:
+    """Edits a batch of captions: about ``ratio`` of the tokens replaced by a draw from the generator's top-k.
+
+    Args:
+        ratio: fraction of each caption's real, non-special tokens replaced (at least one).
+        top_k: a replacement is drawn from the generator's ``top_k`` ids other than the original.
+        generator: ``cmlm`` (the model's own CMLM head, without gradient) or a local Hugging Face
+            masked-LM directory sharing the caption vocabulary.
+        mask_id, special_ids, vocab_size: from the caption tokenizer.
+    """
+
+    def __init__(self, ratio: float, top_k: int, generator: str, mask_id: int, special_ids: Sequence[int],
+                 vocab_size: int) -> None:
+        self.ratio, self.top_k, self.generator = ratio, top_k, generator
+        self.mask_id, self.vocab_size = mask_id, vocab_size
+        self.forbidden = sorted(set(int(i) for i in special_ids) | {mask_id})  # never chosen, never drawn
+        self._masked_lm: MaskedLMGenerator | None = None  # a plain attribute: frozen, not checkpointed
+
+    def __call__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_global: torch.Tensor,
+                 generator: torch.Generator | None = None) -> EditedCaptions:
+        """The edited captions and their labels.
+
+        Args:
+            model: the ``COTSModel`` whose CMLM head generates (``generator=cmlm``).
+            input_ids, attention_mask: (B, L) clean captions.
+            image_global: (B, W_v) the paired images' [CLS] (the CMLM head's fusion input).
+            generator: torch Generator for reproducible edits (validation); None = the global RNG.
+        """
+        masked_ids, originals = choose_error_positions(input_ids, attention_mask, self.mask_id, self.forbidden,
+                                                       self.vocab_size, self.ratio, generator)
+        chosen = originals != IGNORE_INDEX  # B x L
+        if self.generator == "cmlm":
+            logits = model.cmlm_generator_logits(masked_ids, attention_mask, image_global.detach(), chosen)
+        else:
+            if self._masked_lm is None:
+                self._masked_lm = MaskedLMGenerator(self.generator, self.vocab_size)
+            logits = self._masked_lm(masked_ids, attention_mask, chosen)  # M x V
+        replacements = sample_replacements(logits, originals[chosen], self.top_k, self.forbidden, generator)
+        return apply_errors(input_ids, attention_mask, originals, replacements, self.forbidden)

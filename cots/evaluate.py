@@ -8,7 +8,8 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cots.checkpoints import read_checkpoint
+from cots.checkpoints import read_checkpoint, upgrade_run_config, upgrade_state_dict
+from cots.console import quiet_expected_messages
 from cots.report import write_report
 from cots.train import CONF_DIR, build_module, report_retrieval
 
@@ -36,13 +37,14 @@ def eval_data_config(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the model from the checkpoint's own config, load its weights, score the gallery."""
+    quiet_expected_messages()
     checkpoint = read_checkpoint(cfg.ckpt_path)
-    run_cfg = OmegaConf.create(checkpoint["cots"]["config"])
+    run_cfg = OmegaConf.create(upgrade_run_config(checkpoint["cots"]["config"]))
     datamodule = instantiate(eval_data_config(cfg, run_cfg))
     datamodule.prepare_data()
     tokenizer = datamodule.build_text_tokenizer(checkpoint["cots"]["text_tokenizer"])
     module = build_module(run_cfg, tokenizer.vocab_size, tokenizer.to_str(), tokenizer.mask_id, tokenizer.special_ids)
-    module.load_state_dict(checkpoint["state_dict"])
+    module.load_state_dict(upgrade_state_dict(checkpoint["state_dict"]))
     split = cfg.split if datamodule.manifests.get(cfg.split) else "val"
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False)
     trainer.test(module, dataloaders=datamodule.gallery_loaders(split), verbose=False)

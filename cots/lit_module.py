@@ -1,4 +1,4 @@
-"""LightningModule: runs the step (``cots.step``: forward -> filter -> objective -> enqueue), steps the momentum, logs, evaluates."""
+"""LightningModule: runs the training step (``cots.training_step``), steps the momentum, logs, evaluates."""
 from __future__ import annotations
 
 from collections import Counter
@@ -6,19 +6,19 @@ from collections.abc import Callable, Mapping
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from cots import distributed
 from cots.amf import AMFDecision, noise_confusion, precision_recall
-from cots.checkpoints import capture_rank_rng_states, restore_rank_rng_state, seed_rank_streams
-from cots.eval.retrieval import retrieval_metrics
+from cots.checkpoints import capture_rank_rng_states, restore_rank_rng_state, seed_rank_streams, upgrade_state_dict
+from cots.metrics.retrieval import retrieval_metrics
 from cots.guards import NonFiniteGuard, all_ranks_finite, assert_finite_parameters, check_skip_fraction
 from cots.losses.vilem import vilem_loss
 from cots.masking import IGNORE_INDEX
 from cots.models.cots_model import COTSModel
 from cots.momentum import momentum_at
-from cots.objective import COTSObjective
 from cots.optim import build_optimizer
-from cots.step import compute_step, enqueue_step
+from cots.training_step import TrainingStep, predict_caption_errors
 
 
 class COTSLitModule(L.LightningModule):
@@ -26,7 +26,8 @@ class COTSLitModule(L.LightningModule):
 
     Args:
         model: the network (built by Hydra from ``model``).
-        objective: the loss terms (built from ``objective``).
+        step: the objective and the pieces around it (AMF, CMVM targets, ViLEM's editor), built from
+            ``objective`` and ``data.image_tokens`` by :meth:`TrainingStep.from_config`.
         optimizer: partial optimizer taking parameter groups (weight decay per group).
         scheduler: partial LR scheduler taking (optimizer, total_steps), stepped per optimizer step.
         momentum: base EMA coefficient m; ``momentum_schedule`` 'constant' or 'cosine' (to 1).
@@ -46,7 +47,7 @@ class COTSLitModule(L.LightningModule):
     def __init__(
         self,
         model: COTSModel,
-        objective: COTSObjective,
+        step: TrainingStep,
         optimizer: Callable,
         scheduler: Callable | None = None,
         momentum: float = 0.995,
@@ -64,7 +65,9 @@ class COTSLitModule(L.LightningModule):
         if compile is not None:
             model.compile_towers(**dict(compile))
         self.model = model
-        self.objective = objective
+        self.step = step
+        self.objective = step.objective
+        self.amf = step.amf  # a submodule: its similarity queue lives in checkpoints ("amf.similarity_queue.*")
         self.optimizer_factory = optimizer
         self.lr_scale = dict(lr_scale or {})
         self.scheduler_factory = scheduler
@@ -95,14 +98,21 @@ class COTSLitModule(L.LightningModule):
         if stage == "fit" and self.seed is not None:
             seed_rank_streams(self.seed, self.trainer.global_rank)
 
+    def on_train_start(self) -> None:
+        # The momentum encoders are in eval mode on purpose (no dropout in the keys); anything else is a bug.
+        others = [name for name, m in self.named_modules() if not m.training and not name.startswith("model.momentum_")]
+        if others:
+            rank_zero_warn(f"{len(others)} module(s) in eval mode at the start of training (only the momentum "
+                           f"encoders should be): {others[:8]}{' ...' if len(others) > 8 else ''}")
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if self._window != self.global_step:  # the first micro-batch of an accumulation window
             self._window, self._window_skipped = self.global_step, False
-        step = compute_step(self.model, self.objective, batch)  # forward -> filter -> masked passes -> objective
+        out = self.step(self.model, batch)  # forward -> filter -> targets -> masked passes -> edits -> objective
         self._check_data(batch)
         if self.nonfinite is not None:
-            finite = all_ranks_finite(step.terms["loss"])
-            self.nonfinite.record(finite, step.terms, self.global_step)
+            finite = all_ranks_finite(out.terms["loss"])
+            self.nonfinite.record(finite, out.terms, self.global_step)
             self.log("train/nonfinite_skipped", float(self.nonfinite.skipped), batch_size=batch["images"].shape[0])
             if not finite or self._window_skipped:
                 # No backward; the window's gradients so far are dropped, so the optimizer sees none and
@@ -110,14 +120,14 @@ class COTSLitModule(L.LightningModule):
                 self._window_skipped = True
                 self.zero_grad(set_to_none=True)
                 return None
-        enqueue_step(self.model, self.objective, step)
-        if step.decision is not None:
-            self._log_amf(step.decision, batch)
+        self.step.enqueue(self.model, out)
+        if out.decision is not None:
+            self._log_amf(out.decision, batch)
         batch_size = batch["images"].shape[0]
-        terms = step.terms
+        terms = out.terms
         for name, value in terms.items():
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=batch_size)
-        self.log("train/temperature", self.model.temperature().detach(), batch_size=batch_size)
+        self.log("train/temperature", out.features.temperature.detach(), batch_size=batch_size)
         self.log("train/queue_fill", self.model.feature_queue.fill_fraction(), batch_size=batch_size)
         for reason, count in self.skipped.items():
             self.log(f"data/skipped_{reason}", float(count), batch_size=batch_size)
@@ -217,9 +227,8 @@ class COTSLitModule(L.LightningModule):
             return
         ids, mask, index = batch["input_ids"][own], batch["attention_mask"][own], index[own]
         generator = torch.Generator(device=ids.device).manual_seed(1000003 * (batch_idx + 1))  # the same edits every time
-        edited = self.objective.edit_captions(self.model, ids, mask, image_global[index], generator)
-        predicted = self.model.predict_errors(image_global[index], image_patches[index], edited.input_ids,
-                                              edited.attention_mask, edited.replaced)
+        edited, predicted = predict_caption_errors(self.model, self.step.caption_editor, ids, mask, image_global[index],
+                                                   image_patches[index], generator)
         result = vilem_loss(predicted.detection_logits, edited.detection_labels, predicted.correction_logits,
                             edited.correction_labels)
         scored = (edited.detection_labels != IGNORE_INDEX).sum()
@@ -273,6 +282,7 @@ class COTSLitModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        upgrade_state_dict(checkpoint["state_dict"])  # key names of older checkpoints, before Lightning loads them
         state = checkpoint.get("cots", {})
         self.skipped = Counter(state.get("skipped", {}))
         self.samples_seen = state.get("samples_seen", 0)

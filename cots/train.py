@@ -12,15 +12,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cots.checkpoints import read_checkpoint
 from cots.config_checks import ConfigError, check_config
-from cots.eval.retrieval import chance_table, format_table
+from cots.console import quiet_expected_messages
+from cots.metrics.retrieval import chance_table, format_table
 from cots.report import write_report
+from cots.training_step import TrainingStep
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def build_module(cfg: DictConfig, text_vocab_size: int, tokenizer_json: str | None,
                  mask_id: int | None = None, special_ids: list[int] | None = None):
-    """The LightningModule for a run config (model, objective, optimizer, scheduler).
+    """The LightningModule for a run config (model, training step, optimizer, scheduler).
 
     ``text_vocab_size``, ``mask_id`` and ``special_ids`` come from the caption tokenizer: the text
     tower's vocabulary when built from scratch, and ViLEM's error positions and replacements.
@@ -33,11 +35,11 @@ def build_module(cfg: DictConfig, text_vocab_size: int, tokenizer_json: str | No
             cfg.objective.vilem.mask_id = mask_id
             cfg.objective.vilem.special_ids = None if special_ids is None else [int(i) for i in special_ids]
     model = instantiate(cfg.model)
-    objective = instantiate(cfg.objective)
+    step = TrainingStep.from_config(instantiate(cfg.objective), cfg.data.get("image_tokens"))
     module = instantiate(
         cfg.module,
         model=model,
-        objective=objective,
+        step=step,
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         lr_scale=cfg.optim.get("lr_scale"),
@@ -55,6 +57,7 @@ def _instantiate_all(group: DictConfig | None) -> list:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Fit and (optionally) test. Returns (metrics, objects) for tests and scripts."""
     check_config(cfg)
+    quiet_expected_messages()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
@@ -65,7 +68,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     tokenizer = datamodule.build_text_tokenizer(saved_tokenizer)
     module = build_module(cfg, tokenizer.vocab_size, tokenizer.to_str(), tokenizer.mask_id, tokenizer.special_ids)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # weights_only: a resume unpickles nothing (checkpoints hold tensors and plain data only)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         split = "test" if cfg.data.get("test_manifest") else "val"

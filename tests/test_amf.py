@@ -74,18 +74,18 @@ def test_training_step_zeroes_filtered_positives_but_enqueues_their_features(mak
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     module = build_module(cfg, datamodule.text_tokenizer.vocab_size, None)
-    model, objective = module.model, module.objective
+    model, objective, amf = module.model, module.step.objective, module.amf
     with torch.no_grad():
         s = (lambda f: (f.image_keys * f.text_keys).sum(-1))(model(batch["images"], batch["input_ids"], batch["attention_mask"]))
     cut = s.median()
-    objective.amf.enqueue(torch.full((16,), float(cut)))  # a full queue with sigma 0: threshold = the median
+    amf.enqueue(torch.full((16,), float(cut)))  # a full queue with sigma 0: threshold = the median
     keep = s >= cut
     assert 0 < int(keep.sum()) < len(s)
 
     with torch.no_grad():
         features = model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        expected = objective(model, features, weights=keep.float())["loss"]
-        unfiltered = objective(model, features)["loss"]
+        expected = objective(features, weights=keep.float())["loss"]
+        unfiltered = objective(features)["loss"]
     loss = module.training_step(batch, 0)
     torch.testing.assert_close(loss, expected)  # the step used w = keep
     assert not torch.isclose(loss, unfiltered)
@@ -95,7 +95,7 @@ def test_training_step_zeroes_filtered_positives_but_enqueues_their_features(mak
     torch.testing.assert_close(model.feature_queue.text.data[:g], features.text_keys)
     assert int(model.feature_queue.image.filled) == g
     # and their similarities went into Q^s after the decision
-    torch.testing.assert_close(objective.amf.similarity_queue.ordered()[-g:], s)
+    torch.testing.assert_close(amf.similarity_queue.ordered()[-g:], s)
 
 
 def test_similarity_queue_and_noise_counts_survive_save_and_resume(make_cfg, tmp_path):
@@ -112,11 +112,15 @@ def test_similarity_queue_and_noise_counts_survive_save_and_resume(make_cfg, tmp
     record = json.loads((run / "noisy_pairs.json").read_text())
     assert record["num_noisy"] == round(0.3 * record["num_pairs"])
     checkpoint = torch.load(run / "checkpoints" / "s2.ckpt", map_location="cpu", weights_only=True)
-    assert int(checkpoint["state_dict"]["objective.amf.similarity_queue.filled"]) == 24  # 2 steps x 16 > 24
+    assert int(checkpoint["state_dict"]["amf.similarity_queue.filled"]) == 24  # 2 steps x 16 > 24
+    # a checkpoint from before the AMF left the objective ("objective.amf.*") resumes the same way
+    checkpoint["state_dict"] = {k.replace("amf.", "objective.amf.", 1) if k.startswith("amf.") else k: v
+                                for k, v in checkpoint["state_dict"].items()}
+    torch.save(checkpoint, run / "checkpoints" / "old_names.ckpt")
 
-    _, resumed = train(make_cfg(*common, "trainer.max_steps=4", f"ckpt_path={run / 'checkpoints' / 's2.ckpt'}"))
+    _, resumed = train(make_cfg(*common, "trainer.max_steps=4", f"ckpt_path={run / 'checkpoints' / 'old_names.ckpt'}"))
     a, b = full["module"], resumed["module"]
-    for name, buffer in a.objective.amf.similarity_queue.named_buffers():
-        torch.testing.assert_close(dict(b.objective.amf.similarity_queue.named_buffers())[name], buffer, atol=1e-5, rtol=0)
+    for name, buffer in a.amf.similarity_queue.named_buffers():
+        torch.testing.assert_close(dict(b.amf.similarity_queue.named_buffers())[name], buffer, atol=1e-5, rtol=0)
     assert a.amf_noise_counts.sum() > 0
     torch.testing.assert_close(a.amf_noise_counts, b.amf_noise_counts)

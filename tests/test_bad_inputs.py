@@ -94,19 +94,19 @@ def test_too_many_unusable_samples_stop_the_run_naming_the_limit(make_cfg, tmp_p
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(make_cfg, monkeypatch):
-    import cots.lit_module as lit
+    from cots.training_step import TrainingStep
 
-    original = lit.compute_step
+    original = TrainingStep.__call__
     calls = {"n": 0}
 
-    def poisoned(model, objective, batch):
-        step = original(model, objective, batch)
+    def poisoned(self, model, batch):
+        step = original(self, model, batch)
         calls["n"] += 1
         if calls["n"] in (2, 3) or calls["n"] >= 6:
             step.terms["loss"] = step.terms["loss"] * float("nan")
         return step
 
-    monkeypatch.setattr(lit, "compute_step", poisoned)
+    monkeypatch.setattr(TrainingStep, "__call__", poisoned)
     with pytest.raises(RunGuardError, match="consecutive non-finite"):
         train(make_cfg("trainer.max_steps=30", "module.max_nonfinite_steps=4", "~callbacks.model_checkpoint"))
     assert calls["n"] == 9  # 2 skipped, 2 good, then 4 in a row stop it
@@ -125,7 +125,7 @@ def _changed(before: dict, after: dict) -> set[str]:
     import torch
 
     changed = {k for k in before["tensors"] if not torch.equal(before["tensors"][k], after["tensors"][k])}
-    groups = {".".join(k.split(".")[:2]) for k in changed}  # model.encoder, objective.amf, ...
+    groups = {".".join(k.split(".")[:2]) for k in changed}  # model.encoder, amf.similarity_queue, ...
     opt_b, opt_a = before["optimizer"]["state"], after["optimizer"]["state"]
     if opt_b.keys() != opt_a.keys() or any(not torch.equal(torch.as_tensor(opt_b[p][f]), torch.as_tensor(opt_a[p][f]))
                                            for p in opt_b for f in opt_b[p]):
@@ -142,14 +142,14 @@ def test_a_skipped_non_finite_step_changes_nothing_but_counts_as_a_step(make_cfg
     import lightning as L
     from omegaconf import open_dict
 
-    import cots.lit_module as lit
+    from cots.training_step import TrainingStep
 
-    original = lit.compute_step
+    original = TrainingStep.__call__
     calls = {"n": 0}
     poisoned_call = 2 * accumulate + 1  # the first micro-batch of the third optimizer step
 
-    def poisoned(model, objective, batch):
-        step = original(model, objective, batch)
+    def poisoned(self, model, batch):
+        step = original(self, model, batch)
         calls["n"] += 1
         if calls["n"] == poisoned_call:
             step.terms["loss"] = step.terms["loss"] * float("nan")
@@ -167,7 +167,7 @@ def test_a_skipped_non_finite_step_changes_nothing_but_counts_as_a_step(make_cfg
                 window = "poisoned" if batch_idx // accumulate == 2 else f"clean{batch_idx // accumulate}"
                 windows[window] = _changed(self.before, _training_state(trainer, module))
 
-    monkeypatch.setattr(lit, "compute_step", poisoned)
+    monkeypatch.setattr(TrainingStep, "__call__", poisoned)
     globals()["Probe"] = Probe
     cfg = make_cfg("trainer.max_steps=5", f"trainer.accumulate_grad_batches={accumulate}",
                    "objective.amf.queue_size=16", "optim.scheduler.warmup_steps=3")
@@ -175,7 +175,7 @@ def test_a_skipped_non_finite_step_changes_nothing_but_counts_as_a_step(make_cfg
         cfg.callbacks.probe = {"_target_": f"{__name__}.Probe"}
     _, objects = train(cfg)
     moved = {"model.encoder", "model.momentum_encoder", "model.feature_queue", "model.log_temperature",
-             "objective.amf", "optimizer", "scheduler"}
+             "amf.similarity_queue", "optimizer", "scheduler"}
     assert windows["clean1"] == moved  # a test of this test: a normal step moves every piece
     assert windows["poisoned"] == set()
     assert objects["trainer"].global_step == 5 and calls["n"] == 5 * accumulate  # the skipped step counted

@@ -94,7 +94,7 @@ def test_kill_9_mid_epoch_then_resume_matches_the_uninterrupted_run(make_cfg, tm
     print(f"one process, dropout and drop-path on: largest difference after kill -9 and resume {diff:.3g} ({worst})")
     assert diff <= 1e-6, (worst, diff)
     for key in ("model.momentum_encoder.image_proj.weight", "model.feature_queue.text.data",
-                "objective.amf.similarity_queue.data"):
+                "amf.similarity_queue.data"):
         assert key in resumed["module"].state_dict()
     opt_full = full["trainer"].optimizers[0].state_dict()
     opt_resumed = resumed["trainer"].optimizers[0].state_dict()

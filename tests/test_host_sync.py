@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from cots.step import compute_step, enqueue_step
 from cots.train import build_module
 
 READS_A_VALUE = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
@@ -52,7 +51,7 @@ def test_the_guard_catches_a_host_read():
 def test_training_step_reads_no_tensor_value_on_the_host(make_cfg, overrides):
     """Forward (online + momentum), AMF, L_inst (+ pair groups) + L_task, enqueue, backward, EMA: no host reads."""
     module = build_module(make_cfg(*overrides), 200, None)
-    model, objective_module = module.model.train(), module.objective
+    model, step = module.model.train(), module.step
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 200, (8, 9), generator=gen)
@@ -63,8 +62,8 @@ def test_training_step_reads_no_tensor_value_on_the_host(make_cfg, overrides):
              "pair_groups": torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])}  # (B,): pairs 0-1 and 4-5 share a group
     for _ in range(3):  # the queues and the AMF statistics fill up over the steps
         with NoHostReads():
-            out = compute_step(model, objective_module, batch)
-            enqueue_step(model, objective_module, out)
+            out = step(model, batch)
+            step.enqueue(model, out)
             out.terms["loss"].backward()
         optimizer.step()  # its step counts are host tensors (reading them waits for no device)
         optimizer.zero_grad(set_to_none=True)

@@ -15,8 +15,8 @@ from cots.data.synthetic import ensure_synthetic_dataset
 from cots.data.token_cache import build_token_cache
 from cots.masking import IGNORE_INDEX, BlockMaskGenerator, TextMasker, block_masks, sample_rng
 from cots.models.cots_model import MaskedPredictions
-from cots.online_tokens import OnlineImageTokens
-from cots.step import StepOutput, compute_step, masked_inputs
+from cots.image_targets import ImageTargets
+from cots.training_step import StepOutput, TrainingStep, masked_inputs
 from cots.train import CONF_DIR, build_module, train
 from cots_tokenizers import DalleTokenizer
 from cots_tokenizers.weights import DVAEWeights, save_weights
@@ -68,19 +68,19 @@ class TermHistory(L.Callback):
 def test_geometry_check_trains_one_step_on_576_patches_and_576_dvae_tokens(compose_run, monkeypatch):
     steps: list[StepOutput] = []
     tokens: list[torch.Size] = []
-    tokenize = OnlineImageTokens.__call__
+    run_step, tokenize = TrainingStep.__call__, ImageTargets.__call__
 
-    def recording_step(*args) -> StepOutput:
-        steps.append(compute_step(*args))
+    def recording_step(self, *args) -> StepOutput:
+        steps.append(run_step(self, *args))
         return steps[-1]
 
-    def recording_tokenize(self, images_dvae: torch.Tensor) -> torch.Tensor:
-        ids = tokenize(self, images_dvae)
+    def recording_tokenize(self, batch) -> torch.Tensor:
+        ids = tokenize(self, batch)
         tokens.append(ids.shape)
         return ids
 
-    monkeypatch.setattr("cots.lit_module.compute_step", recording_step)
-    monkeypatch.setattr(OnlineImageTokens, "__call__", recording_tokenize)
+    monkeypatch.setattr(TrainingStep, "__call__", recording_step)
+    monkeypatch.setattr(ImageTargets, "__call__", recording_tokenize)
 
     metrics, objects = train(compose_run("experiment=geometry_check"))
     module = objects["module"]
@@ -158,9 +158,8 @@ def _hand_batch(model, batch: int = 4, length: int = 10, vocab: int = 200) -> di
 def test_token_terms_train_the_mask_embedding_the_fusions_and_the_tied_decoder(make_cfg):
     torch.manual_seed(0)
     module = build_module(with_tokens(make_cfg("objective=mvlm"), {**ONLINE_TOKENS, "source": "cache"}), 200, None)
-    model, objective = module.model.train(), module.objective
-    step = compute_step(model, objective, _hand_batch(model))
-    terms = step.terms
+    model = module.model.train()
+    terms = module.step(model, _hand_batch(model)).terms
     assert {"cmvm", "cmvm_acc", "cmlm", "cmlm_acc"} <= terms.keys()
     expected = terms["inst"] + terms["task"] + terms["cmvm"] + terms["cmlm"]
     assert torch.allclose(terms["loss"], expected)
@@ -183,15 +182,15 @@ def test_masked_pairs_run_the_token_terms_on_the_first_pairs_with_their_own_fusi
     torch.manual_seed(0)
     cfg = with_tokens(make_cfg("objective=mvlm", "objective.masked_pairs=2"), {**ONLINE_TOKENS, "source": "cache"})
     module = build_module(cfg, 200, None)
-    model, objective = module.model.eval(), module.objective  # eval: no dropout, each pair's pass its own
+    model, step = module.model.eval(), module.step  # eval: no dropout, each pair's pass its own
     batch = _hand_batch(model)  # 4 pairs
     with torch.no_grad():
-        part = compute_step(model, objective, batch)
+        part = step(model, batch)
         assert part.masked.patch_mask.shape[0] == 2 and part.masked.mlm_labels.shape[0] == 2
         assert part.masked.cmvm_logits.shape[0] == batch["patch_mask"][:2].sum()
         # The same terms as a batch of those two pairs alone with every pair masked.
-        objective.masked_pairs = None
-        alone = compute_step(model, objective, {key: value[:2] for key, value in batch.items()})
+        step.objective.masked_pairs = None
+        alone = step(model, {key: value[:2] for key, value in batch.items()})
     for name in ("cmvm", "cmlm", "cmvm_acc", "cmlm_acc"):
         assert torch.allclose(part.terms[name], alone.terms[name], atol=1e-6), name
     with pytest.raises(Exception, match="objective.masked_pairs must be a positive integer"):  # via hydra
@@ -202,24 +201,24 @@ def test_masked_pairs_run_the_token_terms_on_the_first_pairs_with_their_own_fusi
 def test_token_losses_divide_by_the_global_mean_count(make_cfg, monkeypatch):
     torch.manual_seed(0)
     module = build_module(with_tokens(make_cfg("objective=mvlm"), {**ONLINE_TOKENS, "source": "cache"}), 200, None)
-    model, objective = module.model.eval(), module.objective
+    model, objective = module.model.eval(), module.step.objective
     batch = _hand_batch(model)
     with torch.no_grad():
         features = model(batch["images"], batch["input_ids"], batch["attention_mask"])
         masked = model.predict_masked(features, **masked_inputs(objective, batch))
-        single = objective(model, features, masked=masked, image_tokens=batch["image_tokens"])
+        single = objective(features, masked=masked, image_tokens=batch["image_tokens"])
         # Two ranks, the other holding twice this rank's masked positions: the mean count is 3/2 x the local one,
         # so that DDP's gradient mean is the mean over every masked position of both ranks.
         monkeypatch.setattr(distributed, "world_size", lambda: 2)
         monkeypatch.setattr(distributed, "all_reduce_sum", lambda x: 3 * x.detach())
-        ddp = objective(model, features, masked=masked, image_tokens=batch["image_tokens"])
+        ddp = objective(features, masked=masked, image_tokens=batch["image_tokens"])
         for name in ("cmvm", "cmlm"):
             assert torch.allclose(ddp[name], single[name] / 1.5), name
             assert torch.equal(ddp[f"{name}_acc"], single[f"{name}_acc"])  # accuracy stays local
         # A rank with nothing masked contributes a zero term (with the others' denominator).
         nothing = MaskedPredictions(torch.randn(0, VOCAB), torch.zeros(4, 16, dtype=torch.bool),
                                     torch.randn(0, 200), torch.full((4, 10), IGNORE_INDEX))
-        empty = objective(model, features, masked=nothing, image_tokens=batch["image_tokens"])
+        empty = objective(features, masked=nothing, image_tokens=batch["image_tokens"])
         assert empty["cmvm"].item() == 0.0 and empty["cmlm"].item() == 0.0
 
 
@@ -258,7 +257,7 @@ def test_tiny_run_on_the_token_cache_logs_falling_cmvm_and_cmlm(make_cfg, token_
         values = history.history[name]
         assert all(math.isfinite(v) for v in values), (name, values)
         assert min(values[-3:]) < values[0], (name, values)
-    assert objects["module"].objective.online_tokens is None  # targets came from the cache
+    assert objects["module"].step.image_targets._tokenizer is None  # targets came from the cache: no dVAE built
 
 
 @pytest.mark.slow

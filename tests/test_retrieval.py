@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cots.eval.retrieval import (
+from cots.metrics.retrieval import (
     chance_table,
     image_to_text_ranks,
     retrieval_metrics,
@@ -152,7 +152,7 @@ def test_tie_aware_recall_is_the_mean_over_random_tie_breaks(seed):
 
 
 def test_ranks_counted_in_column_slices_match(monkeypatch):
-    import cots.eval.retrieval as retrieval
+    import cots.metrics.retrieval as retrieval
 
     images, texts = torch.randn(9, 8), torch.randn(45, 8)
     text_to_image = torch.randperm(45) % 9

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from cots.step import compute_step
 from cots.train import build_module
 
 NO_DROPOUT = ["model.encoder.text_tower.dropout=0.0"]  # the two runs must draw no different random numbers
@@ -19,7 +18,7 @@ def _batch(batch: int = 8, length: int = 9) -> dict:
 
 def _loss_and_grads(module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model = module.model.train()
-    loss = compute_step(model, module.objective, batch).terms["loss"]
+    loss = module.step(model, batch).terms["loss"]
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -97,9 +97,9 @@ def test_gradients_reach_both_towers_and_the_temperature(make_cfg):
     images, ids, mask = _batch()
     model.enqueue(model(images, ids, mask))  # a non-empty queue: otherwise the KL is 0 identically
     features = model(images, ids, mask)
-    image_queue, text_queue, valid = model.queue_keys()
+    image_queue, text_queue, valid = features.keys.queue()
     loss = task_kl_loss(features.image.embedding, features.text.embedding, features.image_momentum, features.text_momentum,
-                        image_queue, text_queue, model.temperature(), valid)["loss"]
+                        image_queue, text_queue, features.temperature, valid)["loss"]
     assert float(loss) > 0
     loss.backward()
     for tower in (model.encoder.image_tower, model.encoder.image_proj, model.encoder.text_tower, model.encoder.text_proj):
@@ -112,7 +112,7 @@ def test_objective_switches_weight_and_fixed_temperature(make_cfg, monkeypatch):
     model, objective = _tiny_model(make_cfg, "objective.task.weight=0.5", "objective.task.temperature=0.2")
     images, ids, mask = _batch()
     model.enqueue(model(images, ids, mask))
-    terms = objective(model, model(images, ids, mask))
+    terms = objective(model(images, ids, mask))
     assert terms["loss"].item() == pytest.approx(terms["inst"].item() + 0.5 * terms["task"].item(), rel=1e-6)
     assert objective.task.temperature == 0.2
 
@@ -120,19 +120,19 @@ def test_objective_switches_weight_and_fixed_temperature(make_cfg, monkeypatch):
 
     monkeypatch.setattr(cots.objective, "task_kl_loss", lambda *a, **k: pytest.fail("computed while switched off"))
     model, objective = _tiny_model(make_cfg, "objective=contrastive_only")
-    terms = objective(model, model(images, ids, mask))
-    assert "task" not in terms and objective.amf is None
+    terms = objective(model(images, ids, mask))
+    assert "task" not in terms and not objective.amf.enabled
 
 
 def test_the_objectives_task_term_leaves_the_learned_temperature_to_l_inst(make_cfg):
     """Both distributions flatten as tau grows, so a KL with gradient into tau would push it to its bound."""
-    from cots.step import compute_step
+    from cots.training_step import TrainingStep
 
     model, objective = _tiny_model(make_cfg)  # temperature: null = the model's tau
     images, ids, mask = _batch()
     batch = {"images": images, "input_ids": ids, "attention_mask": mask}
     model.enqueue(model(images, ids, mask))
-    terms = compute_step(model, objective, batch).terms
+    terms = TrainingStep.from_config(objective)(model, batch).terms
     assert float(terms["task"]) > 0
     terms["task"].backward(retain_graph=True)
     assert model.log_temperature.grad is None or float(model.log_temperature.grad) == 0

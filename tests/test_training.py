@@ -9,7 +9,7 @@ import torch
 
 from cots.checkpoints import CheckpointError
 from cots.config_checks import ConfigError
-from cots.eval.retrieval import chance_table
+from cots.metrics.retrieval import chance_table
 from cots.train import train
 
 

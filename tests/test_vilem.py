@@ -11,8 +11,8 @@ from cots.config_checks import ConfigError
 from cots.error_generation import apply_errors, choose_error_positions, sample_replacements
 from cots.losses.vilem import vilem_loss
 from cots.masking import IGNORE_INDEX
-from cots.step import compute_step
 from cots.train import build_module, train
+from cots.training_step import predict_caption_errors
 
 TEXT_MASK = {"mask_prob": 0.15, "replace_prob": 0.8, "random_prob": 0.1}
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4  # train_wordpiece's special ids
@@ -148,14 +148,13 @@ def _batch(batch: int = 8):
 def test_interaction_trains_only_through_vilem_and_only_the_first_m1_text_layers(make_cfg):
     torch.manual_seed(0)
     module = _build(_vilem_cfg(make_cfg))
-    model, objective = module.model.train(), module.objective
+    model = module.model.train()
     head = model.vilem_head
     assert head is not None and len(head.cross_attention) == 1
     assert head.corrector.decoder.weight is model.encoder.text_tower.word_embeddings.weight  # tied
     # The block starts as the identity (zero output projection): queries and keys get a gradient once it moves.
     torch.nn.init.normal_(head.cross_attention[0].out.weight, std=0.02)
-    step = compute_step(model, objective, _batch())
-    terms = step.terms
+    terms = module.step(model, _batch()).terms
     assert {"vilem", "vilem_det", "vilem_cor", "vilem_det_acc", "vilem_cor_acc"} <= terms.keys()
     assert torch.allclose(terms["loss"], terms["inst"] + terms["task"] + terms["cmlm"] + terms["vilem"])
 
@@ -196,13 +195,12 @@ def test_retrieval_embeddings_are_bit_identical_with_vilem_on_and_off(make_cfg):
 def test_vilem_terms_divide_by_the_global_mean_counts(make_cfg, monkeypatch):
     torch.manual_seed(0)
     module = _build(_vilem_cfg(make_cfg))
-    model, objective = module.model.eval(), module.objective
+    model, objective = module.model.eval(), module.step.objective
     batch = _batch()
     with torch.no_grad():
         features = model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        edited = objective.edit_captions(model, batch["input_ids"], batch["attention_mask"], features.image.cls)
-        predicted = model.predict_errors(features.image.cls, features.image.tokens, edited.input_ids,
-                                         edited.attention_mask, edited.replaced)
+        edited, predicted = predict_caption_errors(model, module.step.caption_editor, batch["input_ids"],
+                                                   batch["attention_mask"], features.image.cls, features.image.tokens)
         single = objective.error_terms(edited, predicted)
         # Two ranks, the other with twice this rank's counts: mean count 3/2 x local, accuracies stay local.
         monkeypatch.setattr(distributed, "world_size", lambda: 2)
@@ -230,14 +228,14 @@ def test_a_local_masked_lm_can_generate_the_errors(make_cfg, tmp_path):
     module = _build(_vilem_cfg(make_cfg, f"objective.vilem.generator={tmp_path / 'mlm'}", "objective.cmlm.enabled=false"))
     assert module.model.cmlm_head is None
     ids, attention = _captions(batch=8)
-    edited = module.objective.edit_captions(module.model, ids, attention, torch.zeros(8, 48))
+    edited = module.step.caption_editor(module.model, ids, attention, torch.zeros(8, 48))
     assert edited.replaced.any() and (edited.input_ids[edited.replaced] != ids[edited.replaced]).all()
 
     BertForMaskedLM(BertConfig(vocab_size=VOCAB + 1, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=64)).save_pretrained(tmp_path / "other")
     other = _build(_vilem_cfg(make_cfg, f"objective.vilem.generator={tmp_path / 'other'}", "objective.cmlm.enabled=false"))
     with pytest.raises(ValueError, match="vocabulary"):
-        other.objective.edit_captions(other.model, ids, attention, torch.zeros(8, 48))
+        other.step.caption_editor(other.model, ids, attention, torch.zeros(8, 48))
 
 
 def test_a_generator_that_cannot_work_is_refused_at_start_up(make_cfg, tmp_path):

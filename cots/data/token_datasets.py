@@ -192,9 +192,7 @@ def build_token_pairs(
         grid = dvae_size // 8 if dvae_size else None
         cache = TokenCache(cfg["cache"], manifest=manifest, weights=cfg.get("weights"), num_images=len(entries),
                            grid=grid, vocab_size=cfg.get("vocab_size"), dvae_input_size=dvae_size)
-        dvae_size = int(cache.meta["dvae_input_size"])
-    elif source != "online":
-        raise ValueError(f"data.image_tokens.source must be 'cache' or 'online', got {source!r}")
+        dvae_size = int(cache.meta["dvae_input_size"])  # anything else is the online path (config_checks)
     block_mask = cfg.get("block_mask")
     generator = BlockMaskGenerator(dvae_size // 8, **dict(block_mask)) if block_mask is not None else None
     return ImageTextTokenPairs(

@@ -1,7 +1,8 @@
 """The COTS network: online encoders, their momentum twins, the queues, the temperature and the MVLM heads.
 
-It computes features, keys and masked-token logits; losses live in ``cots.losses`` and
-``cots.step.compute_step`` orders forward -> filter -> masked passes -> objective -> enqueue.
+It computes features, the keys every query is scored against, the temperature and masked-token logits;
+the losses live in ``cots.losses`` and ``cots.training_step`` orders forward -> filter -> targets -> masked
+passes -> edits -> objective -> enqueue.
 """
 from __future__ import annotations
 
@@ -23,18 +24,53 @@ TEMPERATURE_MIN, TEMPERATURE_MAX = 0.001, 0.5
 
 
 @dataclass
+class KeySet:
+    """What every query of a step is scored against (METHOD §3): this step's gathered momentum keys, then the
+    queue as it was before the step (a copy: the enqueue after the losses cannot change what backward reads).
+
+    G = global batch, K = queue size; row G + j of both modalities is queue row j, i.e. one past pair.
+    """
+
+    image: torch.Tensor  # (G+K) x D
+    text: torch.Tensor  # (G+K) x D
+    valid: torch.Tensor  # G+K bool, False for queue slots never written
+    groups: torch.Tensor | None  # G+K long pair groups (data.pair_groups), None when the batch carries none
+    num_batch: int  # G
+
+    def queue(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q^v, Q^t (K, D) and their validity (K,): the rows after the batch keys."""
+        g = self.num_batch
+        return self.image[g:], self.text[g:], self.valid[g:]
+
+
+@dataclass
 class PairFeatures:
-    """Everything one step computes for a batch of B local pairs (G = B x world size)."""
+    """Everything the model computes for a batch of B local pairs (G = B x world size): what the filter,
+    the objective and the enqueue of the step read, so that none of them calls back into the model."""
 
     image: TowerOutput  # online, with gradient
     text: TowerOutput
     image_momentum: torch.Tensor  # B x D, no gradient
     text_momentum: torch.Tensor  # B x D
-    image_keys: torch.Tensor  # G x D, momentum features of the global batch (rank order)
-    text_keys: torch.Tensor  # G x D
-    positive_index: torch.Tensor  # B, column of each local pair's own key among the G keys
+    keys: KeySet  # [gathered batch keys ; queue] of both modalities
+    positive_index: torch.Tensor  # B, column of each local pair's own key among the keys
+    temperature: torch.Tensor  # 0-dim tau, clamped to [0.001, 0.5] (with gradient when learned)
     groups: torch.Tensor | None = None  # B long, pair group of each local pair (data.pair_groups); None = none
-    key_groups: torch.Tensor | None = None  # G long, the groups of the global batch keys
+
+    @property
+    def image_keys(self) -> torch.Tensor:
+        """G x D momentum image features of the global batch (rank order): what the step enqueues."""
+        return self.keys.image[: self.keys.num_batch]
+
+    @property
+    def text_keys(self) -> torch.Tensor:
+        """G x D momentum text features of the global batch."""
+        return self.keys.text[: self.keys.num_batch]
+
+    @property
+    def key_groups(self) -> torch.Tensor | None:
+        """G pair groups of the global batch keys."""
+        return None if self.keys.groups is None else self.keys.groups[: self.keys.num_batch]
 
 
 @dataclass
@@ -96,11 +132,7 @@ class COTSModel(nn.Module):
         image_width, text_width = encoder.image_tower.width, encoder.text_tower.width
         self.cmvm_head: CMVMHead | None = None
         self.cmlm_head: CMLMHead | None = None
-        if cmvm_head:
-            if not image_vocab_size:
-                raise ValueError("the CMVM head needs the dVAE vocabulary: set data.image_tokens.vocab_size")
-            if encoder.image_tower.mask_embedding is None:
-                raise ValueError("the CMVM head needs model.encoder.image_tower.mask_embedding=true")
+        if cmvm_head:  # its vocabulary and the tower's [MASK] embedding are checked at start-up (config_checks)
             self.cmvm_head = CMVMHead(image_width, text_width, image_vocab_size)
         if cmlm_head:
             self.cmlm_head = CMLMHead(text_width, image_width, encoder.text_tower.word_embeddings)
@@ -164,9 +196,20 @@ class COTSModel(nn.Module):
             image_keys = distributed.all_gather_no_grad(image_m)  # G x D
             text_keys = distributed.all_gather_no_grad(text_m)  # G x D
             key_groups = None if groups is None else distributed.all_gather_no_grad(groups)  # G
+            keys = self._key_set(image_keys, text_keys, key_groups)
         batch = images.shape[0]
         positive_index = distributed.rank() * batch + torch.arange(batch, device=images.device)
-        return PairFeatures(image, text, image_m, text_m, image_keys, text_keys, positive_index, groups, key_groups)
+        return PairFeatures(image, text, image_m, text_m, keys, positive_index, self.temperature(), groups)
+
+    def _key_set(self, image_keys: torch.Tensor, text_keys: torch.Tensor, key_groups: torch.Tensor | None) -> KeySet:
+        """[batch keys (G, D) ; queue (K, D)] of both modalities, their validity and groups."""
+        queue = self.feature_queue
+        image = torch.cat([image_keys, queue.image.data.to(image_keys.dtype)])  # (G+K) x D
+        text = torch.cat([text_keys, queue.text.data.to(text_keys.dtype)])  # (G+K) x D
+        batch_valid = torch.ones(image_keys.shape[0], dtype=torch.bool, device=image.device)
+        valid = torch.cat([batch_valid, queue.valid_mask()])  # G+K
+        groups = None if key_groups is None else torch.cat([key_groups, queue.groups.data])  # G+K
+        return KeySet(image, text, valid, groups, image_keys.shape[0])
 
     def predict_masked(
         self,
@@ -236,26 +279,7 @@ class COTSModel(nn.Module):
                                                 image_global, image_patches, replaced)
         return ErrorPredictions(detection, correction)
 
-    def queue_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The queues Q^v, Q^t (K, D) and their validity mask (K,): False for slots not yet written."""
-        queue = self.feature_queue
-        return queue.image.data, queue.text.data, queue.valid_mask()
-
-    def keys_with_queue(self, features: PairFeatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[global batch keys ; queue] for both modalities and the validity mask: (G+K, D), (G+K, D), (G+K,)."""
-        image_queue, text_queue, queue_valid = self.queue_keys()
-        image_keys = torch.cat([features.image_keys, image_queue.to(features.image_keys.dtype)])
-        text_keys = torch.cat([features.text_keys, text_queue.to(features.text_keys.dtype)])
-        batch_valid = torch.ones(features.image_keys.shape[0], dtype=torch.bool, device=image_keys.device)
-        return image_keys, text_keys, torch.cat([batch_valid, queue_valid])
-
-    def key_groups_with_queue(self, features: PairFeatures) -> torch.Tensor | None:
-        """The pair groups of [global batch keys ; queue] (G+K,), None when the batch carries no groups."""
-        if features.key_groups is None:
-            return None
-        return torch.cat([features.key_groups, self.feature_queue.groups.data])
-
     @torch.no_grad()
     def enqueue(self, features: PairFeatures) -> None:
-        """Push the global batch's momentum features; identical on every rank."""
+        """Push the global batch's momentum features (G, D) and groups; identical on every rank."""
         self.feature_queue.enqueue(features.image_keys, features.text_keys, features.key_groups)

@@ -10,6 +10,34 @@ from transformers import BertConfig, BertModel
 from cots.models.local_paths import resolve_local_dir
 
 
+# A sentence encoder's checkpoint (MiniLM) carries BERT's pooler; the tower has none: the one expected leftover.
+EXPECTED_UNUSED = ("pooler.",)
+
+
+def load_pretrained_bert(path) -> BertModel:
+    """A local BERT checkpoint without the pooler, quietly: no progress bar, no load report for the expected
+    unused pooler weights. Any other missing, unused or mismatched weight is an error naming it."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        bert, info = BertModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="sdpa",
+                                               output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(EXPECTED_UNUSED)]
+    problems = {"missing": list(info.get("missing_keys", [])), "unused": unexpected,
+                "mismatched": [str(m) for m in info.get("mismatched_keys", [])]}
+    if any(problems.values()):
+        found = "; ".join(f"{kind}: {keys[:5]}{' ...' if len(keys) > 5 else ''}" for kind, keys in problems.items() if keys)
+        raise ValueError(f"model.encoder.text_tower.pretrained={path} does not fit a BERT without pooler ({found})")
+    return bert
+
+
 class TextTower(nn.Module):
     """BERT exposing the [CLS] state and all token states.
 
@@ -44,8 +72,7 @@ class TextTower(nn.Module):
             raise ValueError(f"model.encoder.text_tower.pooling must be 'cls' or 'mean', got '{pooling}'")
         self.pooling = pooling
         if pretrained:
-            path = resolve_local_dir(pretrained)
-            self.bert = BertModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="sdpa")
+            self.bert = load_pretrained_bert(resolve_local_dir(pretrained))
         else:
             if vocab_size is None:
                 raise ValueError("model.encoder.text_tower.vocab_size is unset and no tokenizer filled it in")

@@ -1,7 +1,9 @@
-"""CMVM targets on the online path (DESIGN §4): a frozen dVAE tokenizes the batch's dVAE views inside the step.
+"""CMVM's targets (METHOD §4): the dVAE token ids of the crops the masked image pass reads.
 
-The token cache serves precomputed targets wherever the crop can be enumerated; random crops
-(and flips) need this path. The dVAE is built on first use and kept out of every state dict.
+Two sources: the token cache (the batch carries ``image_tokens``, precomputed wherever the crop can
+be enumerated) or the online path (the batch carries ``images_dvae``, the ViT's own crop at the dVAE's
+resolution, and a frozen dVAE tokenizes it inside the step: random crops and flips need it). The dVAE
+is built on first use and kept out of every state dict.
 """
 from __future__ import annotations
 
@@ -10,13 +12,17 @@ from collections.abc import Mapping
 import torch
 
 
-class OnlineImageTokens:
-    """A frozen ``DalleTokenizer`` that turns dVAE views (B, 3, s, s) into token grids (B, h, w).
+class ImageTargets:
+    """CMVM targets of a batch: (B, h, w) token ids from the cache, or from a frozen dVAE on the dVAE views.
 
-    Deliberately not an ``nn.Module``: held as a plain attribute of the objective, the dVAE stays
-    out of checkpoints, the optimizer, DDP's parameters and Lightning's ``.to()``; it follows the
-    batch to its device once. Tokens are computed in float32 without autocast or gradient
-    (``ImageTokenizer.tokenize``).
+    Deliberately not an ``nn.Module``: the dVAE stays out of checkpoints, the optimizer, DDP's
+    parameters and Lightning's ``.to()``; it follows the batch to its device once. Online tokens are
+    computed in float32 without autocast or gradient (``ImageTokenizer.tokenize``).
+
+    Built from ``data.image_tokens`` (the keys below; the others are the data module's).
+
+    The batch says which source it comes from (the data module fills ``image_tokens`` or
+    ``images_dvae`` by ``data.image_tokens.source``); the dVAE is only built for the online path.
 
     Args:
         weights: dVAE ``.safetensors`` (``cots-tokenizer convert`` / ``train``).
@@ -35,8 +41,6 @@ class OnlineImageTokens:
         random_dvae: Mapping | None = None,
         **_,
     ) -> None:
-        if weights is None and random_dvae is None:
-            raise ValueError("online image tokens need data.image_tokens.weights (or data.image_tokens.random_dvae)")
         self.weights = weights
         self.dvae_input_size = dvae_input_size
         self.vocab_size = vocab_size
@@ -54,6 +58,8 @@ class OnlineImageTokens:
     def _build(self):
         from cots_tokenizers import DalleTokenizer
 
+        if self.weights is None and self.random_dvae is None:
+            raise ValueError("online CMVM targets need a dVAE: data.image_tokens.weights (or random_dvae)")
         if self.weights is not None:
             return DalleTokenizer(self.weights, input_size=self.dvae_input_size, vocab_size=self.vocab_size)
         arch = dict(self.random_dvae)
@@ -63,6 +69,12 @@ class OnlineImageTokens:
             torch.manual_seed(seed)
             return DalleTokenizer(input_size=self.dvae_input_size, vocab_size=self.vocab_size, **arch)
 
-    def __call__(self, images_dvae: torch.Tensor) -> torch.Tensor:
-        """(B, 3, s, s) float in [0, 1] -> (B, h, w) long token ids."""
-        return self.tokenizer(images_dvae.device).tokenize(images_dvae)
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's targets: ``image_tokens`` (B, h, w) as cached, or its ``images_dvae`` (B, 3, s, s) in
+        [0, 1] tokenized now, (B, h, w) long."""
+        if "image_tokens" in batch:
+            return batch["image_tokens"]
+        if "images_dvae" not in batch:
+            raise KeyError("objective.cmvm.enabled=true but the batch has neither image tokens nor dVAE views: "
+                           "set data.image_tokens")
+        return self.tokenizer(batch["images_dvae"].device).tokenize(batch["images_dvae"])

@@ -1,15 +1,15 @@
 """Training-step benchmark: the full COTS objective against a plain in-batch CLIP step on the same towers.
 
-    python bench/step.py                                     # emoji and large shapes, CPU fp32
-    python bench/step.py --shapes emoji --steps 10 --out logs/bench/step_emoji.json
-    python bench/step.py --device cuda --precision bf16 --shapes paper --warmup 10 --steps 20
-    python bench/step.py --shapes paper --dry-run            # depth-1 towers, batch 4: checks the script
-    python bench/step.py --shapes emoji objective=contrastive_only   # extra Hydra overrides for every shape
-    python bench/step.py --shapes emoji objective=vilem              # + CMLM + ViLEM error modeling
-    python bench/step.py --shapes emoji --precision bf16 "module.compile={}"   # towers under torch.compile
+    python bench/step_speed.py                                     # emoji and large shapes, CPU fp32
+    python bench/step_speed.py --shapes emoji --steps 10 --out logs/bench/step_emoji.json
+    python bench/step_speed.py --device cuda --precision bf16 --shapes paper --warmup 10 --steps 20
+    python bench/step_speed.py --shapes paper --dry-run            # depth-1 towers, batch 4: checks the script
+    python bench/step_speed.py --shapes emoji objective=contrastive_only   # extra Hydra overrides for every shape
+    python bench/step_speed.py --shapes emoji objective=vilem              # + CMLM + ViLEM error modeling
+    python bench/step_speed.py --shapes emoji --precision bf16 "module.compile={}"   # towers under torch.compile
 
 Both steps are built from the composed Hydra config (``hydra.utils.instantiate``) and run in this
-process on the same random batch. The full step is ``cots.step.compute_step`` (what
+process on the same random batch. The full step is ``cots.training_step.TrainingStep`` (what
 ``COTSLitModule.training_step`` runs) + its optimizer step without Lightning: forward (online + momentum)
 -> AMF filter -> masked passes (when CMVM / CMLM are on; cached-style random dVAE tokens) -> ViLEM edits (when on) -> objective
 (every enabled term) -> enqueue -> backward -> AdamW -> momentum update. The CLIP step encodes both sides with the same
@@ -169,16 +169,19 @@ def mvlm_fields(cfg, model, objective, batch: Batch) -> dict:
 
 
 def build_full(cfg, batch: Batch, device: str, precision: str) -> Phase:
-    """COTSModel + COTSObjective + AdamW; the step of ``COTSLitModule`` (``cots.step``) without Lightning."""
+    """COTSModel + the training step + AdamW: what ``COTSLitModule`` runs (``cots.training_step``), without Lightning."""
     from hydra.utils import instantiate
 
-    from cots.step import compute_step, enqueue_step
+    from cots.training_step import TrainingStep
 
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device).train()
     if cfg.module.get("compile") is not None:  # module.compile={...}: what COTSLitModule does
         model.compile_towers(**cfg.module.compile)
-    objective = instantiate(cfg.objective).to(device)
+    training_step = TrainingStep.from_config(instantiate(cfg.objective), cfg.data.get("image_tokens"))
+    objective = training_step.objective
+    if training_step.amf is not None:
+        training_step.amf.to(device)
     optimizer = make_optimizer(cfg, model)
     momentum = float(cfg.module.momentum)
     inputs = {"images": batch.images, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
@@ -187,15 +190,15 @@ def build_full(cfg, batch: Batch, device: str, precision: str) -> Phase:
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, precision):
-            out = compute_step(model, objective, inputs)  # forward -> AMF filter -> masked passes -> objective
-        enqueue_step(model, objective, out)
+            out = training_step(model, inputs)  # forward -> filter -> targets -> masked passes -> edits -> objective
+        training_step.enqueue(model, out)
         out.terms["loss"].backward()
         optimizer.step()
         model.momentum_update(momentum)
         return out.terms["loss"].detach()
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Phase("full", step, [model, objective, optimizer], trainable)
+    return Phase("full", step, [model, training_step, optimizer], trainable)
 
 
 def build_clip(cfg, batch: Batch, device: str, precision: str) -> Phase:

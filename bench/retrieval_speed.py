@@ -1,11 +1,11 @@
 """Retrieval benchmarks: chunked ranking as the gallery grows, and two-stream against single-stream retrieval.
 
-    python bench/eval.py                                   # both tables, full sizes (long at 100k and 1M)
-    python bench/eval.py --quick                           # 1k and 10k galleries, small samples
-    python bench/eval.py --part scoring --sizes 1000,10000,100000,1000000 --out logs/bench/eval.json
-    python bench/eval.py --part streams --pairs 100,1000,5000
+    python bench/retrieval_speed.py                                   # both tables, full sizes (long at 100k and 1M)
+    python bench/retrieval_speed.py --quick                           # 1k and 10k galleries, small samples
+    python bench/retrieval_speed.py --part scoring --sizes 1000,10000,100000,1000000 --out logs/bench/eval.json
+    python bench/retrieval_speed.py --part streams --pairs 100,1000,5000
 
-Scoring: N images x 5N captions of random unit embeddings (D=256, fp32). ``cots.eval.retrieval``
+Scoring: N images x 5N captions of random unit embeddings (D=256, fp32). ``cots.metrics.retrieval``
 ranks both ways in chunks whose rows follow from ``--memory-budget-mb``; the naive reference builds
 the whole N x 5N score matrix and argsorts it (each row for image->text, each column for
 text->image), and is skipped where the bytes it needs exceed the memory available. Every
@@ -87,13 +87,13 @@ def timed_chunks(chunks, num_chunks: int, max_seconds: float, sample: int) -> di
         seconds = sum(times)
     else:
         seconds = times[0] + (num_chunks - 1) * statistics.median(times[1:])
-    from cots.eval.retrieval import QueryRanks
+    from cots.metrics.retrieval import QueryRanks
 
     return {"seconds": seconds, "chunks_measured": done, "chunks": num_chunks, "ranks": QueryRanks.cat(ranks)}
 
 
 def score_chunked(num_images: int, budget_mb: float, max_seconds: float, sample: int) -> dict:
-    from cots.eval.retrieval import iter_image_to_text_ranks, iter_text_to_image_ranks, recall_table, rows_per_chunk
+    from cots.metrics.retrieval import iter_image_to_text_ranks, iter_text_to_image_ranks, recall_table, rows_per_chunk
 
     images, texts, text_to_image = random_gallery(num_images)
     rows_i2t = rows_per_chunk(texts.shape[0], texts.element_size(), budget_mb)
@@ -114,7 +114,7 @@ def score_chunked(num_images: int, budget_mb: float, max_seconds: float, sample:
 
 
 def score_naive(num_images: int) -> dict:
-    from cots.eval.retrieval import QueryRanks, recall_table
+    from cots.metrics.retrieval import QueryRanks, recall_table
 
     images, texts, text_to_image = random_gallery(num_images)
     num_texts = texts.shape[0]
@@ -219,7 +219,7 @@ def streams_table(args) -> tuple[list[dict], dict]:
 
     from cross_encoder import cross_encoder_like
 
-    from cots.eval.retrieval import retrieval_metrics
+    from cots.metrics.retrieval import retrieval_metrics
 
     cfg = compose_config(STREAM_OVERRIDES + args.overrides)
     torch.manual_seed(0)
