@@ -1,4 +1,4 @@
-"""Adaptive Momentum Filter (DESIGN §6): drop noisy positive pairs by their momentum similarity.
+"""Adaptive Momentum Filter (METHOD §6): drop noisy positive pairs by their momentum similarity.
 
 A queue ``Q^s`` keeps the momentum similarities ``s_i = zhat^v_i . zhat^t_i`` of past positive
 pairs. Once it is full, a Gaussian is fitted to it and pair i stays a positive only if

@@ -53,7 +53,7 @@ def check_fused_optimizer(cfg: DictConfig) -> None:
 
 
 def check_vilem(cfg: DictConfig) -> None:
-    """ViLEM (DESIGN §7): a generator that exists and a model that has the head."""
+    """ViLEM (METHOD §7): a generator that exists and a model that has the head."""
     if not _enabled(cfg, "vilem"):
         return
     vilem = cfg.objective.vilem
@@ -84,7 +84,7 @@ def _enabled(cfg: DictConfig, term: str) -> bool:
 
 
 def check_token_level(cfg: DictConfig, patch: int | None) -> None:
-    """CMVM / CMLM (DESIGN §4): the data provides what the terms need, and the ViT and dVAE grids agree."""
+    """CMVM / CMLM (METHOD §4): the data provides what the terms need, and the ViT and dVAE grids agree."""
     tokens, text_mask = cfg.data.get("image_tokens"), cfg.data.get("text_mask")
     cmvm, cmlm = _enabled(cfg, "cmvm"), _enabled(cfg, "cmlm")
     if cmvm and tokens is None:

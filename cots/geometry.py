@@ -1,4 +1,4 @@
-"""Grid geometry shared by the ViT and the dVAE (DESIGN §4): image_size / patch_size == dvae_size / 8."""
+"""Grid geometry shared by the ViT and the dVAE (METHOD §4): image_size / patch_size == dvae_size / 8."""
 from __future__ import annotations
 
 # Config keys named in the messages; callers with other layouts pass their own.

@@ -1,4 +1,4 @@
-"""Masking for masked vision-language modeling (DESIGN §4): BEiT block-wise patch masks, BERT text masks.
+"""Masking for masked vision-language modeling (METHOD §4): BEiT block-wise patch masks, BERT text masks.
 
 Patch masks are drawn with a numpy ``Generator`` per sample (so a dataset can seed
 them with ``(seed, epoch, index)`` and stay exact under any worker count or

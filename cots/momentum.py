@@ -1,4 +1,4 @@
-"""Momentum (EMA) copies of the online encoders (DESIGN §2).
+"""Momentum (EMA) copies of the online encoders (METHOD §2).
 
 The update runs once per optimizer step; the LightningModule calls it from
 ``optimizer_step`` so that gradient accumulation does not multiply it.

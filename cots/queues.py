@@ -1,4 +1,4 @@
-"""Ring-buffer queues of momentum features (DESIGN §2–3).
+"""Ring-buffer queues of momentum features (METHOD §2–3).
 
 Every tensor is a registered buffer, so a queue lives in checkpoints and moves
 with the module. Enqueue never asserts and never syncs with the host: the

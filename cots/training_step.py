@@ -1,4 +1,4 @@
-"""One training step, read top to bottom (METHOD §8): forward -> filter -> targets -> masked passes -> edits ->
+"""One training step, read top to bottom (METHOD §9): forward -> filter -> targets -> masked passes -> edits ->
 objective, then, once the losses exist, the enqueue.
 
 Each stage consumes what the one before produced; nothing calls back up. Backward, the optimizer and

@@ -1,4 +1,4 @@
-"""L_inst against the formula of DESIGN §3, computed in float64 with plain loops."""
+"""L_inst against the formula of METHOD §3, computed in float64 with plain loops."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Masking (DESIGN §4): BEiT block masks, BERT 80/10/10 text masks, and the ViT / dVAE grid check."""
+"""Masking (METHOD §4): BEiT block masks, BERT 80/10/10 text masks, and the ViT / dVAE grid check."""
 from __future__ import annotations
 
 from collections import deque

@@ -1,4 +1,4 @@
-"""Masked vision-language modeling (DESIGN §4): losses against a float64 reference, fusion heads, tied decoder."""
+"""Masked vision-language modeling (METHOD §4): losses against a float64 reference, fusion heads, tied decoder."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Token level in the trainer (DESIGN §4): CMVM + CMLM wired through config, data, model, objective and step."""
+"""Token level in the trainer (METHOD §4): CMVM + CMLM wired through config, data, model, objective and step."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""L_task against the formula of DESIGN §5 (float64 loops), its zero, its directions and its gradients."""
+"""L_task against the formula of METHOD §5 (float64 loops), its zero, its directions and its gradients."""
 from __future__ import annotations
 
 import math

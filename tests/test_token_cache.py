@@ -1,4 +1,4 @@
-"""Token cache (DESIGN §4): build with the CLI, read aligned with the crop, equal to online tokens, mismatches named."""
+"""Token cache (METHOD §4): build with the CLI, read aligned with the crop, equal to online tokens, mismatches named."""
 from __future__ import annotations
 
 import json

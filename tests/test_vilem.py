@@ -1,4 +1,4 @@
-"""ViLEM error modeling (DESIGN §7): edits and labels, the loss, the interaction's isolation from retrieval."""
+"""ViLEM error modeling (METHOD §7): edits and labels, the loss, the interaction's isolation from retrieval."""
 from __future__ import annotations
 
 import pytest

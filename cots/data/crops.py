@@ -1,4 +1,4 @@
-"""Crop boxes and the two views of one crop: the ViT's and the dVAE's (DESIGN §4: same crop, lower resolution).
+"""Crop boxes and the two views of one crop: the ViT's and the dVAE's (METHOD §4: same crop, lower resolution).
 
 A box is ``(top, left, height, width)`` in source pixels. Boxes are drawn with a
 numpy Generator (torchvision's RandomResizedCrop algorithm, reimplemented so that

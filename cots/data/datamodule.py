@@ -38,13 +38,13 @@ class ImageTextDataModule(L.LightningDataModule):
         noise_rate: fraction of training pairs whose caption is swapped for another image's
             (to measure the AMF); ``noise_seed`` chooses them. The noisy pairs are written to
             ``<trainer.default_root_dir>/noisy_pairs.json``.
-        image_tokens: dVAE targets of CMVM (DESIGN §4), null for none: ``source`` (``cache`` | ``online``),
+        image_tokens: dVAE targets of CMVM (METHOD §4), null for none: ``source`` (``cache`` | ``online``),
             ``dvae_input_size``, ``vocab_size``, ``weights``, ``cache`` / ``cache_crop`` (cache),
             ``random_dvae`` (online without weights), ``block_mask`` (BEiT mask of the patches);
             see :func:`cots.data.token_datasets.build_token_pairs`.
         text_mask: BERT masking of the captions for CMLM (``mask_prob``, ``replace_prob``,
             ``random_prob``), null for none.
-        pair_groups: null (one positive per pair, DESIGN §3), ``image`` (the captions of one image
+        pair_groups: null (one positive per pair, METHOD §3), ``image`` (the captions of one image
             are positives of each other in L_inst: COCO's five) or ``caption`` (one caption text on
             several images, e.g. the emoji set's Google and Twitter renderings); see ``Collate``.
     """

@@ -1,4 +1,4 @@
-"""Precomputed dVAE token grids of a manifest's images (DESIGN §4: tokenize once per dataset).
+"""Precomputed dVAE token grids of a manifest's images (METHOD §4: tokenize once per dataset).
 
 Files, for ``--out DIR/train_tokens.npy``:
 

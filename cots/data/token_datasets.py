@@ -1,4 +1,4 @@
-"""Training pairs with what masked vision-language modeling needs (DESIGN §4).
+"""Training pairs with what masked vision-language modeling needs (METHOD §4).
 
 Each item carries, besides the ViT view and the caption:
 

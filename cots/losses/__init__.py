@@ -1,1 +1,1 @@
-"""Losses as pure functions of tensors (DESIGN §3–7)."""
+"""Losses as pure functions of tensors (METHOD §3–7)."""

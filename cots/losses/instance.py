@@ -1,4 +1,4 @@
-"""Instance level: cross-modal momentum contrast over queues (DESIGN §3)."""
+"""Instance level: cross-modal momentum contrast over queues (METHOD §3)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Token level: cross-modal masked vision / language modeling losses (DESIGN §4).
+"""Token level: cross-modal masked vision / language modeling losses (METHOD §4).
 
 Cross-entropy on masked positions only, averaged over them. The heads
 (``cots.models.mvlm_heads``) usually score only the masked positions, giving

@@ -1,4 +1,4 @@
-"""Task level: KL between the image-to-text and text-to-image retrieval distributions (DESIGN §5)."""
+"""Task level: KL between the image-to-text and text-to-image retrieval distributions (METHOD §5)."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from cots.losses.instance import masked_key_logits, weighted_mean
 
-# KL(p_i2t || p_t2i) as written in DESIGN §5, the reverse, or the mean of both.
+# KL(p_i2t || p_t2i) as written in METHOD §5, the reverse, or the mean of both.
 TASK_DIRECTIONS = ("i2t||t2i", "t2i||i2t", "symmetric")
 
 

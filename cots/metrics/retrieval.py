@@ -1,4 +1,4 @@
-"""Image-text retrieval metrics (DESIGN §8) with chunked scoring.
+"""Image-text retrieval metrics (METHOD §8) with chunked scoring.
 
 Scores are dot products of separately computed embeddings. Only a
 (chunk x gallery) block of scores exists at any time, so memory stays bounded

@@ -75,7 +75,7 @@ class PairFeatures:
 
 @dataclass
 class MaskedPredictions:
-    """Logits of the masked positions (DESIGN §4); a field is None when its term is off."""
+    """Logits of the masked positions (METHOD §4); a field is None when its term is off."""
 
     cmvm_logits: torch.Tensor | None = None  # M_v x V_img, masked patches in row-major batch order
     patch_mask: torch.Tensor | None = None  # B_m x P bool (B_m <= B pairs read), True = patch replaced by [MASK]
@@ -85,7 +85,7 @@ class MaskedPredictions:
 
 @dataclass
 class ErrorPredictions:
-    """ViLEM's logits on edited captions (DESIGN §7)."""
+    """ViLEM's logits on edited captions (METHOD §7)."""
 
     detection_logits: torch.Tensor  # B x L, replaced vs kept
     correction_logits: torch.Tensor  # M x V_txt at the replaced positions, row-major
@@ -220,7 +220,7 @@ class COTSModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
     ) -> MaskedPredictions:
-        """Masked forward passes of the online towers and the heads' logits (DESIGN §4).
+        """Masked forward passes of the online towers and the heads' logits (METHOD §4).
 
         Each masked state is fused with the paired modality's global feature from the unmasked
         pass of ``features`` (with gradient). Retrieval embeddings never pass through here.

@@ -1,4 +1,4 @@
-"""Prediction heads of masked vision-language modeling (DESIGN §4).
+"""Prediction heads of masked vision-language modeling (METHOD §4).
 
 Each head fuses a token state of one stream with the paired modality's global
 feature from the unmasked pass, ``H_j + W h`` (a linear map, no cross-attention),

@@ -1,4 +1,4 @@
-"""ViLEM's multi-granularity interaction and heads (DESIGN §7), used in training only.
+"""ViLEM's multi-granularity interaction and heads (METHOD §7), used in training only.
 
 The edited caption runs through the first ``M1`` layers of the online text tower with
 (a) the image global feature added to every token embedding and (b) a cross-attention
