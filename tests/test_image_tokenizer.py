@@ -8,6 +8,7 @@ from pathlib import Path
 import attr
 import pytest
 import torch
+import torch.nn.functional as F
 from dall_e import Encoder, map_pixels
 from PIL import Image
 
@@ -58,14 +59,28 @@ def test_convert_then_load_without_pickle(pickled_encoder, tmp_path, monkeypatch
     assert torch.equal(tok.tokenize(images), expected)
 
 
+def _blocks_of_colour() -> torch.Tensor:
+    """(2, 3, 48, 48) images of coloured rectangles: a random tiny dVAE gives the same id to every patch of
+    noise images, but several ids here (so that a transposed or differently resized token map is seen)."""
+    images = torch.zeros(2, 3, 48, 48)
+    images[0, 0, 5:29, 7:19], images[0, 1, 31:, 13:44], images[0, 2, :11, 25:] = 1.0, 0.8, 1.0
+    images[1, :, :, :13], images[1, 0, 31:], images[1, 2, 17:26, 29:41] = 1.0, 1.0, 0.6
+    return images
+
+
 def test_tokens_shape_dtype_and_autocast():
     torch.manual_seed(0)
     tok = DalleTokenizer(input_size=32, **TINY)
-    images = torch.rand(2, 3, 48, 48)  # resized to input_size by preprocess
+    images = _blocks_of_colour()  # resized to input_size by preprocess
     tokens = tok.tokenize(images)
+    assert tokens.unique().numel() > 2 and not torch.equal(tokens, tokens.transpose(1, 2))
     assert tokens.shape == (2, 32 // 8, 32 // 8) == (2, tok.grid_size(), tok.grid_size())
     assert tokens.dtype == torch.long and not tokens.requires_grad
-    assert int(tokens.min()) >= 0 and int(tokens.max()) < tok.vocab_size
+    # the ids are the argmax over the vocabulary of the encoder's logits on the image resized to input_size
+    # (bilinear, antialiased: the resize the token cache was built with)
+    resized = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    with torch.no_grad():
+        assert torch.equal(tokens, tok.encoder(map_pixels(resized)).argmax(dim=1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(tok.tokenize(images), tokens)
     assert dvae_input_size(224, 16) == 112 and tok.grid_size(64) == 8

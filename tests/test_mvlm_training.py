@@ -183,6 +183,14 @@ def test_masked_pairs_run_the_token_terms_on_the_first_pairs_with_their_own_fusi
     cfg = with_tokens(make_cfg("objective=mvlm", "objective.masked_pairs=2"), {**ONLINE_TOKENS, "source": "cache"})
     module = build_module(cfg, 200, None)
     model, step = module.model.eval(), module.step  # eval: no dropout, each pair's pass its own
+    with torch.no_grad():
+        # The fusions start at zero, and BERT's initial [CLS] hardly depends on the caption: as built, any pair's
+        # global feature would give the same terms. Weights that make the pairing visible:
+        for head in (model.cmvm_head, model.cmlm_head):
+            head.fusion.proj.weight.normal_(0.0, 0.3)
+        for layer in model.encoder.text_tower.bert.encoder.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0.0, 0.2)
     batch = _hand_batch(model)  # 4 pairs
     with torch.no_grad():
         part = step(model, batch)

@@ -112,9 +112,17 @@ def test_objective_switches_weight_and_fixed_temperature(make_cfg, monkeypatch):
     model, objective = _tiny_model(make_cfg, "objective.task.weight=0.5", "objective.task.temperature=0.2")
     images, ids, mask = _batch()
     model.enqueue(model(images, ids, mask))
-    terms = objective(model(images, ids, mask))
+    features = model(images, ids, mask)
+    terms = objective(features)
     assert terms["loss"].item() == pytest.approx(terms["inst"].item() + 0.5 * terms["task"].item(), rel=1e-6)
-    assert objective.task.temperature == 0.2
+    image_queue, text_queue, valid = features.keys.queue()
+
+    def task_at(tau: float) -> float:
+        return task_kl_loss(features.image.embedding, features.text.embedding, features.image_momentum,
+                            features.text_momentum, image_queue, text_queue, torch.tensor(tau), valid)["loss"].item()
+
+    assert terms["task"].item() == pytest.approx(task_at(0.2), rel=1e-6)  # tau_task = 0.2, not the model's tau
+    assert task_at(0.2) != pytest.approx(task_at(float(model.temperature())), rel=1e-3)
 
     import cots.objective
 

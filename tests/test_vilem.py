@@ -254,4 +254,32 @@ def test_training_with_vilem_logs_its_terms_and_validation_accuracies(make_cfg):
     for name in ("train/vilem", "train/vilem_det_acc", "train/vilem_cor_acc", "val/vilem_det_acc", "val/vilem_cor_acc",
                  "val/vilem_det_majority"):
         assert name in metrics, (name, sorted(metrics))
-    assert 0.0 <= metrics["val/vilem_det_acc"] <= 100.0 and metrics["train/vilem"] > 0
+    assert metrics["train/vilem"] > 0  # and finite
+    # The validation accuracies are those of the final model on seeded edits of the captions of the first
+    # val_images gallery images, each caption against its own image (the edits of caption batch i are seeded
+    # with 1000003 * (i + 1), as the module does).
+    module, datamodule = objects["module"], objects["datamodule"]
+    model = module.model.eval()
+    images, captions = datamodule.val_dataloader()
+    counts = torch.zeros(4)  # detection right, scored, correction right, replaced
+    with torch.no_grad():
+        encoded = [model.encoder.encode_image(batch["images"]) for batch in images]
+        image_global, image_patches = (torch.cat([getattr(e, f) for e in encoded])[:20] for f in ("cls", "tokens"))
+        for batch_idx, batch in enumerate(captions):
+            own = batch["image_index"] < 20
+            if not own.any():
+                continue
+            index = batch["image_index"][own]
+            generator = torch.Generator().manual_seed(1000003 * (batch_idx + 1))
+            edited, predicted = predict_caption_errors(model, module.step.caption_editor, batch["input_ids"][own],
+                                                       batch["attention_mask"][own], image_global[index],
+                                                       image_patches[index], generator)
+            scored = edited.detection_labels != IGNORE_INDEX
+            right = (predicted.detection_logits > 0).long() == edited.detection_labels
+            originals = edited.correction_labels[edited.replaced]
+            counts += torch.tensor([right[scored].sum(), scored.sum(),
+                                    (predicted.correction_logits.argmax(1) == originals).sum(), len(originals)]).float()
+    assert counts[1] > counts[3] > 0
+    assert metrics["val/vilem_det_acc"] == pytest.approx(100 * float(counts[0] / counts[1]), abs=1e-3)
+    assert metrics["val/vilem_cor_acc"] == pytest.approx(100 * float(counts[2] / counts[3]), abs=1e-3)
+    assert metrics["val/vilem_det_majority"] == pytest.approx(100 * float(1 - counts[3] / counts[1]), abs=1e-3)
