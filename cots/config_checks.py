@@ -64,7 +64,7 @@ def check_vilem(cfg: DictConfig) -> None:
         raise ConfigError("objective.vilem.generator=cmlm draws errors from the CMLM head: set objective.cmlm.enabled=true "
                           "(and data.text_mask), or objective.vilem.generator=<local masked-LM directory>")
     if generator != "cmlm":
-        from cots.models.local_paths import resolve_local_dir
+        from cots.local_paths import resolve_local_dir
 
         try:
             directory = resolve_local_dir(generator)
