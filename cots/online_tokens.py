@@ -52,7 +52,7 @@ class OnlineImageTokens:
         return self._tokenizer
 
     def _build(self):
-        from cots_tokenizers import DalleTokenizer
+        from cots_dvae import DalleTokenizer
 
         if self.weights is not None:
             return DalleTokenizer(self.weights, input_size=self.dvae_input_size, vocab_size=self.vocab_size)

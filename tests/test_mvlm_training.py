@@ -18,8 +18,8 @@ from cots.models.cots_model import MaskedPredictions
 from cots.online_tokens import OnlineImageTokens
 from cots.step import StepOutput, compute_step, masked_inputs
 from cots.train import CONF_DIR, build_module, train
-from cots_tokenizers import DalleTokenizer
-from cots_tokenizers.weights import DVAEWeights, save_weights
+from cots_dvae import DalleTokenizer
+from cots_dvae.weights import DVAEWeights, save_weights
 
 TEXT_MASK = {"mask_prob": 0.15, "replace_prob": 0.8, "random_prob": 0.1}
 TINY_DVAE = {"n_hid": 8, "n_blk_per_group": 1}

@@ -17,9 +17,9 @@ from cots.data.text_tokenizer import TextTokenizer, train_wordpiece
 from cots.data.token_cache import TokenCache, TokenCacheError
 from cots.data.token_datasets import ImageTextTokenPairs, MVLMCollate, build_token_pairs
 from cots.masking import IGNORE_INDEX, TextMasker
-from cots_tokenizers import DalleTokenizer
-from cots_tokenizers.cli import main as cli_main
-from cots_tokenizers.weights import DVAEWeights, save_weights
+from cots_dvae import DalleTokenizer
+from cots_dvae.cli import main as cli_main
+from cots_dvae.weights import DVAEWeights, save_weights
 
 TINY = dict(n_hid=16, n_blk_per_group=1, vocab_size=64)
 VIT_SIZE, PATCH, DVAE_SIZE, GRID = 64, 16, 32, 4  # 64 / 16 = 4 patches per side = 32 / 8 tokens
