@@ -12,10 +12,10 @@ from omegaconf import OmegaConf, open_dict
 from cots import distributed
 from cots.config_checks import ConfigError
 from cots.data.synthetic import ensure_synthetic_dataset
-from cots.data.token_cache import build_token_cache
 from cots.masking import IGNORE_INDEX, BlockMaskGenerator, TextMasker, block_masks, sample_rng
 from cots.models.cots_model import MaskedPredictions
 from cots.online_tokens import OnlineImageTokens
+from cots.prepare.token_cache_builder import build_token_cache
 from cots.step import StepOutput, compute_step, masked_inputs
 from cots.train import CONF_DIR, build_module, train
 from cots_dvae import DalleTokenizer

@@ -94,8 +94,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> None:
-    from cots.data.token_cache import build_token_cache
     from cots.geometry import check_grid
+    from cots.prepare.token_cache_builder import build_token_cache
 
     from .base import dvae_input_size
     from .dalle import DalleTokenizer
