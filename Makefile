@@ -35,7 +35,7 @@ EMOJI_DVAE := tokenizers/artifacts/emoji_dvae.safetensors
 EMOJI_TRAIN := data/emoji/trainval_names.json
 
 $(EMOJI_DVAE): | emoji-data
-	$(BIN)/cots-tokenizer train --manifest $(EMOJI_TRAIN) --out $@ --vocab-size 512 --n-hid 32 \
+	$(BIN)/cots-dvae train --manifest $(EMOJI_TRAIN) --out $@ --vocab-size 512 --n-hid 32 \
 		--n-blk-per-group 1 --input-size 64 --steps 600 --batch-size 16 --lr 2e-3
 
 train: install emoji-data  ## the main job: build the emoji set (cached), pretrain, evaluate on held-out concepts, report

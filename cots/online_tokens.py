@@ -19,7 +19,7 @@ class OnlineImageTokens:
     (``ImageTokenizer.tokenize``).
 
     Args:
-        weights: dVAE ``.safetensors`` (``cots-tokenizer convert`` / ``train``).
+        weights: dVAE ``.safetensors`` (``cots-dvae convert`` / ``train``).
         dvae_input_size: pixels the dVAE sees (the ViT patch grid x 8).
         vocab_size: the vocabulary the CMVM head scores; checked against the file.
         random_dvae: ``{n_hid, n_blk_per_group, seed}`` of a randomly initialised encoder, used when

@@ -11,8 +11,8 @@ import torch
 from dall_e import Encoder, map_pixels
 from PIL import Image
 
+from cots.prepare.dvae_cli import main as cli_main
 from cots_dvae import DalleTokenizer, ImageTokenizer, dvae_input_size
-from cots_dvae.cli import main as cli_main
 from cots_dvae.images import to_rgb
 from cots_dvae.weights import load_weights, save_weights
 
@@ -82,7 +82,7 @@ def test_stays_frozen_after_train():
 
 
 def test_load_errors_are_explicit(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cots-tokenizer convert"):
+    with pytest.raises(FileNotFoundError, match="cots-dvae convert"):
         DalleTokenizer(tmp_path / "missing.safetensors", input_size=32)
 
     good = DalleTokenizer(input_size=32, **TINY)

@@ -17,8 +17,8 @@ from cots.data.text_tokenizer import TextTokenizer, train_wordpiece
 from cots.data.token_cache import TokenCache, TokenCacheError
 from cots.data.token_datasets import ImageTextTokenPairs, MVLMCollate, build_token_pairs
 from cots.masking import IGNORE_INDEX, TextMasker
+from cots.prepare.dvae_cli import main as cli_main
 from cots_dvae import DalleTokenizer
-from cots_dvae.cli import main as cli_main
 from cots_dvae.weights import DVAEWeights, save_weights
 
 TINY = dict(n_hid=16, n_blk_per_group=1, vocab_size=64)
@@ -150,7 +150,7 @@ def test_mismatches_are_named(setup, tmp_path):
         TokenCache(out, grid=24)
     with pytest.raises(TokenCacheError, match="the dVAE vocabulary is 64 in the cache but 8192 now"):
         TokenCache(out, vocab_size=8192)
-    with pytest.raises(FileNotFoundError, match="cots-tokenizer cache"):
+    with pytest.raises(FileNotFoundError, match="cots-dvae cache"):
         TokenCache(tmp_path / "missing.npy")
     # An interrupted build (no sidecar) is not a cache.
     partial = tmp_path / "partial.npy"

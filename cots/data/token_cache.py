@@ -14,7 +14,7 @@ Files, for ``--out DIR/train_tokens.npy``:
 Rows follow ``load_manifest`` order (entry index), the index ``ImageTextPairs.pairs`` uses.
 
 This module is the read side a training run needs (:class:`TokenCache`, :func:`cache_paths`);
-``cots-tokenizer cache`` writes caches with :mod:`cots.prepare.token_cache_builder`.
+``cots-dvae cache`` writes caches with :mod:`cots.prepare.token_cache_builder`.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class TokenCache:
         if not self.sidecar_path.is_file() or not self.path.is_file():
             raise FileNotFoundError(
                 f"token cache not found or incomplete: {self.path} (sidecar {self.sidecar_path.name}). Build it with "
-                f"`cots-tokenizer cache --manifest <manifest> --weights <dvae.safetensors> --image-size <px> --out {self.path}`"
+                f"`cots-dvae cache --manifest <manifest> --weights <dvae.safetensors> --image-size <px> --out {self.path}`"
             )
         self.meta = json.loads(self.sidecar_path.read_text())
         if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
@@ -100,7 +100,7 @@ class TokenCache:
     def _mismatch(self, what: str, cached, given, other: str) -> TokenCacheError:
         return TokenCacheError(
             f"token cache {self.path} does not match {other}: {what} is {cached!r} in the cache but {given!r} now; "
-            f"rebuild it with `cots-tokenizer cache ... --out {self.path}`"
+            f"rebuild it with `cots-dvae cache ... --out {self.path}`"
         )
 
     def _validate(self, manifest, weights, num_images, grid, vocab_size, dvae_input_size) -> None:

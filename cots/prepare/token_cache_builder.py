@@ -1,7 +1,7 @@
 """Build a token cache: tokenize every image of a manifest once with a frozen dVAE (DESIGN §4).
 
 The layout of the files is described in :mod:`cots.data.token_cache`, which reads them during
-training. Building is offline (``cots-tokenizer cache``): it decodes every image, cuts the centre crop
+training. Building is offline (``cots-dvae cache``): it decodes every image, cuts the centre crop
 and ``k`` seeded random crops at the dVAE resolution and records the tokens and the boxes.
 """
 from __future__ import annotations

@@ -16,8 +16,8 @@ class DalleTokenizer(ImageTokenizer):
     """``dall_e.Encoder`` + argmax, loaded from safetensors (never from pickle).
 
     Args:
-        weights: ``.safetensors`` file from ``cots-tokenizer convert`` or
-            ``cots-tokenizer train``. None builds a randomly initialised encoder
+        weights: ``.safetensors`` file from ``cots-dvae convert`` or
+            ``cots-dvae train``. None builds a randomly initialised encoder
             (only for tests and smoke runs: its tokens carry no meaning).
         input_size: pixels the encoder sees; must be grid * 8 where grid is the
             ViT patch grid (see ``dvae_input_size``). Default: the resolution
