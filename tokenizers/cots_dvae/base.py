@@ -6,8 +6,10 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from .arch import DOWNSAMPLE
 
-def dvae_input_size(image_size: int, patch_size: int, downsample: int = 8) -> int:
+
+def dvae_input_size(image_size: int, patch_size: int, downsample: int = DOWNSAMPLE) -> int:
     """Pixels the tokenizer must see so that its grid matches the ViT's patch grid.
 
     Args:

@@ -56,7 +56,7 @@ class DalleTokenizer(ImageTokenizer):
         size = input_size if input_size is not None else file_size
         if size is None:
             raise ValueError(
-                "input_size is required (the file does not record one): use the ViT patch grid * 8, "
+                f"input_size is required (the file does not record one): use the ViT patch grid * {DOWNSAMPLE}, "
                 "e.g. 112 for a 224-px ViT with 16-px patches"
             )
         if size % self.downsample:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from dall_e import map_pixels
 
-from .arch import DVAEArch, build_decoder, build_encoder
+from .arch import DOWNSAMPLE, DVAEArch, build_decoder, build_encoder
 from .images import load_images
 from .metrics import decode_mean_logits, evaluate_dvae, reconstruct
 from .preview import save_comparison
@@ -61,8 +61,8 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.input_size % 8:
-            raise ValueError(f"input_size must be a multiple of 8, got {self.input_size}")
+        if self.input_size % DOWNSAMPLE:
+            raise ValueError(f"input_size must be a multiple of {DOWNSAMPLE}, got {self.input_size}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
 
