@@ -16,7 +16,7 @@ install: $(STAMP)  ## create .venv and install cots with its test and optional e
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e ".[test,minilm,shards]"
+	$(BIN)/python -m pip install -q -e ".[test,minilm]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 test: install  ## the whole test suite (slow DDP / resume runs included)
