@@ -80,7 +80,8 @@ class TokenCache:
         if not self.sidecar_path.is_file() or not self.path.is_file():
             raise FileNotFoundError(
                 f"token cache not found or incomplete: {self.path} (sidecar {self.sidecar_path.name}). Build it with "
-                f"`cots-dvae cache --manifest <manifest> --weights <dvae.safetensors> --image-size <px> --out {self.path}`"
+                f"`cots-dvae cache --manifest <manifest> --weights <dvae.safetensors> --image-size <px> "
+                f"--out {self.path}`"
             )
         self.meta = json.loads(self.sidecar_path.read_text())
         if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:

@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--weights", required=True, help="dVAE .safetensors (convert or train output)")
     k.add_argument("--image-size", type=int, required=True, help="ViT input side in px (data.image_size)")
     k.add_argument("--out", required=True, help="tokens file, e.g. data/coco/train_tokens.npy (.boxes.npy and .json beside it)")
-    k.add_argument("--patch-size", type=int, default=None, help=f"ViT patch side: the dVAE size is then image_size / patch_size * {DOWNSAMPLE}")
+    k.add_argument("--patch-size", type=int, default=None,
+                   help=f"ViT patch side: the dVAE size is then image_size / patch_size * {DOWNSAMPLE}")
     k.add_argument("--dvae-size", type=int, default=None, help="dVAE input side in px (default: from --patch-size, else the file's)")
     k.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the manifest's)")
     k.add_argument("--crops", type=int, default=0, help="k random resized crops per image besides the centre crop")

@@ -47,7 +47,8 @@ class _CacheViews(Dataset):
                     "views": torch.zeros(variants, 3, size, size), "boxes": torch.zeros(variants, 4, dtype=torch.int32)}
         boxes = variant_boxes(*image.shape[-2:], self.crops, self.seed, index, self.scale, self.ratio)
         views = torch.stack([crop_view(image, box, size) for box in boxes])  # (1+k) x 3 x s x s
-        return {"index": index, "ok": True, "reason": "", "views": views, "boxes": torch.tensor(boxes, dtype=torch.int32)}
+        return {"index": index, "ok": True, "reason": "", "views": views,
+                "boxes": torch.tensor(boxes, dtype=torch.int32)}
 
 
 def _collate(items: list[dict]) -> dict:
@@ -101,7 +102,8 @@ def build_token_cache(
     dvae_size = int(dvae.input_size)
     grid = dvae.grid_size()
     if image_size % grid:
-        raise ValueError(f"--image-size {image_size} is not a multiple of the dVAE grid {grid} (input {dvae_size} px / {dvae.downsample})")
+        raise ValueError(f"--image-size {image_size} is not a multiple of the dVAE grid {grid} "
+                         f"(input {dvae_size} px / {dvae.downsample})")
     vocab = int(dvae.vocab_size)
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.int32
     n, variants = len(entries), 1 + crops
@@ -158,5 +160,6 @@ def build_token_cache(
     tmp_sidecar.write_text(json.dumps(meta, indent=1))
     tmp_sidecar.replace(sidecar_path)
     if unreadable:
-        print(f"token cache: {len(unreadable)} unreadable image(s), e.g. {next(iter(unreadable.values()))}", file=sys.stderr)
+        example = next(iter(unreadable.values()))
+        print(f"token cache: {len(unreadable)} unreadable image(s), e.g. {example}", file=sys.stderr)
     return tokens_path
