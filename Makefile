@@ -16,7 +16,7 @@ install: $(STAMP)  ## create .venv and install cots with its test and optional e
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e ".[test,minilm,shards]"
+	$(BIN)/python -m pip install -q -e ".[test,minilm]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 test: install  ## the whole test suite (slow DDP / resume runs included)
@@ -35,7 +35,7 @@ EMOJI_DVAE := tokenizers/artifacts/emoji_dvae.safetensors
 EMOJI_TRAIN := data/emoji/trainval_names.json
 
 $(EMOJI_DVAE): | emoji-data
-	$(BIN)/cots-tokenizer train --manifest $(EMOJI_TRAIN) --out $@ --vocab-size 512 --n-hid 32 \
+	$(BIN)/cots-dvae train --manifest $(EMOJI_TRAIN) --out $@ --vocab-size 512 --n-hid 32 \
 		--n-blk-per-group 1 --input-size 64 --steps 600 --batch-size 16 --lr 2e-3
 
 train: install emoji-data  ## the main job: build the emoji set (cached), pretrain, evaluate on held-out concepts, report

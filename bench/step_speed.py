@@ -301,7 +301,7 @@ def _vocab_size(cfg) -> int:
     if tower.pretrained:
         from transformers import BertConfig
 
-        from cots.models.local_paths import resolve_local_dir
+        from cots.local_paths import resolve_local_dir
 
         return int(BertConfig.from_pretrained(str(resolve_local_dir(tower.pretrained))).vocab_size)
     return int(tower.vocab_size)

@@ -64,7 +64,7 @@ def check_vilem(cfg: DictConfig) -> None:
         raise ConfigError("objective.vilem.generator=cmlm draws errors from the CMLM head: set objective.cmlm.enabled=true "
                           "(and data.text_mask), or objective.vilem.generator=<local masked-LM directory>")
     if generator != "cmlm":
-        from cots.models.local_paths import resolve_local_dir
+        from cots.local_paths import resolve_local_dir
 
         try:
             directory = resolve_local_dir(generator)
@@ -109,6 +109,7 @@ def check_token_level(cfg: DictConfig, patch: int | None) -> None:
 def _check_image_tokens(cfg: DictConfig, tokens: DictConfig, patch: int | None, cmvm: bool) -> None:
     from cots.geometry import check_grid
     from cots.masking import BlockMaskGenerator
+    from cots_dvae.arch import DOWNSAMPLE
 
     source = tokens.get("source", "online")
     if source not in ("cache", "online"):
@@ -122,7 +123,7 @@ def _check_image_tokens(cfg: DictConfig, tokens: DictConfig, patch: int | None, 
         except ValueError as err:
             raise ConfigError(str(err)) from None
     else:
-        grid = size // 8
+        grid = size // DOWNSAMPLE
     if source == "cache" and not str(tokens.get("cache") or "").endswith(".npy"):
         raise ConfigError(f"data.image_tokens.cache must be the token cache's .npy file, got {tokens.get('cache')!r}")
     if source == "online" and not tokens.get("weights") and tokens.get("random_dvae") is None:

@@ -108,7 +108,7 @@ class MaskedLMGenerator:
     def __init__(self, path: str, vocab_size: int) -> None:
         from transformers import AutoModelForMaskedLM
 
-        from cots.models.local_paths import resolve_local_dir
+        from cots.local_paths import resolve_local_dir
 
         directory = resolve_local_dir(path)
         if not (Path(directory) / "config.json").is_file():

@@ -1,5 +1,10 @@
-"""Grid geometry shared by the ViT and the dVAE (METHOD §4): image_size / patch_size == dvae_size / 8."""
+"""Grid geometry shared by the ViT and the dVAE (METHOD §4): image_size / patch_size == dvae_size / 8.
+
+The 8 is the dVAE's downsampling, ``cots_dvae.arch.DOWNSAMPLE``.
+"""
 from __future__ import annotations
+
+from cots_dvae.arch import DOWNSAMPLE
 
 # Config keys named in the messages; callers with other layouts pass their own.
 IMAGE_SIZE_KEY = "data.image_size"
@@ -11,7 +16,7 @@ def check_grid(
     image_size: int,
     patch_size: int,
     dvae_input_size: int,
-    downsample: int = 8,
+    downsample: int = DOWNSAMPLE,
     keys: tuple[str, str, str] = (IMAGE_SIZE_KEY, PATCH_SIZE_KEY, DVAE_SIZE_KEY),
 ) -> int:
     """Check that the ViT patch grid and the dVAE token grid are the same size.

@@ -25,7 +25,7 @@ class ImageTargets:
     ``images_dvae`` by ``data.image_tokens.source``); the dVAE is only built for the online path.
 
     Args:
-        weights: dVAE ``.safetensors`` (``cots-tokenizer convert`` / ``train``).
+        weights: dVAE ``.safetensors`` (``cots-dvae convert`` / ``train``).
         dvae_input_size: pixels the dVAE sees (the ViT patch grid x 8).
         vocab_size: the vocabulary the CMVM head scores; checked against the file.
         random_dvae: ``{n_hid, n_blk_per_group, seed}`` of a randomly initialised encoder, used when
@@ -56,7 +56,7 @@ class ImageTargets:
         return self._tokenizer
 
     def _build(self):
-        from cots_tokenizers import DalleTokenizer
+        from cots_dvae import DalleTokenizer
 
         if self.weights is None and self.random_dvae is None:
             raise ValueError("online CMVM targets need a dVAE: data.image_tokens.weights (or random_dvae)")

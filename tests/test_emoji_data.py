@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cots.data import emoji as emoji_build
-from cots.data.cli import main
-from cots.data.emoji import EmojiSources, build_dataset, find_complete_build
-from cots.data.emoji_catalog import (
+from cots.data.manifest import load_manifest
+from cots.prepare import emoji as emoji_build
+from cots.prepare.cli import main
+from cots.prepare.emoji import EmojiSources, build_dataset, find_complete_build
+from cots.prepare.emoji_catalog import (
     EmojiDataError,
     emoji_string,
     load_catalog,
@@ -25,8 +26,7 @@ from cots.data.emoji_catalog import (
     split_of,
     train_captions,
 )
-from cots.data.manifest import load_manifest
-from cots.data.npm_packages import NpmError, NpmPackage, fetch_package, sha512_integrity
+from cots.prepare.npm_packages import NpmError, NpmPackage, fetch_package, sha512_integrity
 
 FE0F = "\ufe0f"
 VENDORS = ("google", "twitter")

@@ -12,14 +12,14 @@ from omegaconf import OmegaConf, open_dict
 from cots import distributed
 from cots.config_checks import ConfigError
 from cots.data.synthetic import ensure_synthetic_dataset
-from cots.data.token_cache import build_token_cache
 from cots.masking import IGNORE_INDEX, BlockMaskGenerator, TextMasker, block_masks, sample_rng
 from cots.models.cots_model import MaskedPredictions
 from cots.image_targets import ImageTargets
+from cots.prepare.token_cache_builder import build_token_cache
 from cots.training_step import StepOutput, TrainingStep, masked_inputs
 from cots.train import CONF_DIR, build_module, train
-from cots_tokenizers import DalleTokenizer
-from cots_tokenizers.weights import DVAEWeights, save_weights
+from cots_dvae import DalleTokenizer
+from cots_dvae.weights import DVAEWeights, save_weights
 
 TEXT_MASK = {"mask_prob": 0.15, "replace_prob": 0.8, "random_prob": 0.1}
 TINY_DVAE = {"n_hid": 8, "n_blk_per_group": 1}

@@ -13,13 +13,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cots.data.cli import main
 from cots.data.datasets import ImageTextPairs
 from cots.data.images import build_train_transform
-from cots.data.manifest import load_manifest, write_manifest
-from cots.data.shard_writer import write_shards
+from cots.data.manifest import load_manifest
 from cots.data.shards import INDEX_NAME, ShardError, ShardLoader, ShardPairs, load_shard_index, read_shard
 from cots.data.synthetic import ensure_synthetic_dataset
+from cots.prepare.cli import main
+from cots.prepare.manifest_writer import write_manifest
+from cots.prepare.shard_writer import write_shards
 
 TRANSFORM = build_train_transform(16)
 
@@ -218,7 +219,7 @@ def test_cli(synthetic: Path, tmp_path: Path, capsys) -> None:
 
 def test_training_streams_from_shards_and_resumes_exactly(make_cfg, tmp_path, data_dir):
     """data.train_shards replaces the training manifest; a mid-epoch checkpoint resumes the same stream."""
-    from cots.data.shard_writer import write_shards
+    from cots.prepare.shard_writer import write_shards
     from cots.train import train
 
     train(make_cfg("trainer.max_steps=1", "trainer.limit_val_batches=0", "trainer.check_val_every_n_epoch=null",

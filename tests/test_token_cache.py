@@ -17,9 +17,9 @@ from cots.data.text_tokenizer import TextTokenizer, train_wordpiece
 from cots.data.token_cache import TokenCache, TokenCacheError
 from cots.data.token_datasets import ImageTextTokenPairs, MVLMCollate, build_token_pairs
 from cots.masking import IGNORE_INDEX, TextMasker
-from cots_tokenizers import DalleTokenizer
-from cots_tokenizers.cli import main as cli_main
-from cots_tokenizers.weights import DVAEWeights, save_weights
+from cots.prepare.dvae_cli import main as cli_main
+from cots_dvae import DalleTokenizer
+from cots_dvae.weights import DVAEWeights, save_weights
 
 TINY = dict(n_hid=16, n_blk_per_group=1, vocab_size=64)
 VIT_SIZE, PATCH, DVAE_SIZE, GRID = 64, 16, 32, 4  # 64 / 16 = 4 patches per side = 32 / 8 tokens
@@ -34,21 +34,21 @@ def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("token_cache")
     data = ensure_synthetic_dataset(root / "data", num_train=10, num_val=1, num_test=1, image_size=40)
     torch.manual_seed(0)
-    tokenizer = DalleTokenizer(input_size=DVAE_SIZE, **TINY)
+    dvae = DalleTokenizer(input_size=DVAE_SIZE, **TINY)
     with torch.no_grad():
         # A random encoder sees mostly the mean brightness and gives one token everywhere: zero-mean
         # input filters make it respond to edges and colours, a larger output layer widens top-2 gaps.
-        tokenizer.encoder.blocks.input.w.sub_(tokenizer.encoder.blocks.input.w.mean(dim=(1, 2, 3), keepdim=True))
-        tokenizer.encoder.blocks.output.conv.w.mul_(10)
+        dvae.encoder.blocks.input.w.sub_(dvae.encoder.blocks.input.w.mean(dim=(1, 2, 3), keepdim=True))
+        dvae.encoder.blocks.output.conv.w.mul_(10)
     weights = save_weights(root / "dvae.safetensors",
-                           DVAEWeights(encoder=tokenizer.encoder.state_dict(), arch=tokenizer.arch, input_size=DVAE_SIZE))
+                           DVAEWeights(encoder=dvae.encoder.state_dict(), arch=dvae.arch, input_size=DVAE_SIZE))
     out = root / "cache" / "train_tokens.npy"
     manifest = data / "train.json"
     args = ["cache", "--manifest", str(manifest), "--weights", str(weights), "--image-size", str(VIT_SIZE),
             "--patch-size", str(PATCH), "--out", str(out), "--crops", "2", "--crop-scale", "0.3", "0.8",
             "--seed", "7", "--batch-size", "4"]
     assert cli_main(args) == 0
-    return {"root": root, "manifest": manifest, "weights": weights, "out": out, "tokenizer": DalleTokenizer(weights)}
+    return {"root": root, "manifest": manifest, "weights": weights, "out": out, "dvae": DalleTokenizer(weights)}
 
 
 def test_cache_round_trip_equals_online_tokens(setup):
@@ -61,12 +61,12 @@ def test_cache_round_trip_equals_online_tokens(setup):
     assert meta["image_size"] == VIT_SIZE and meta["dvae_sha1"] and meta["manifest_sha1"]
 
     entries = load_manifest(setup["manifest"])
-    tokenizer = setup["tokenizer"]
+    dvae = setup["dvae"]
     for index, entry in enumerate(entries):
         image = image_to_uint8(load_rgb(entry.image))
         assert cache.box(index, 0) == center_box(*image.shape[-2:])
         views = torch.stack([crop_view(image, cache.box(index, v), DVAE_SIZE) for v in range(3)])
-        online = tokenizer.tokenize(views)  # 3 x h x w, one image at a time (the cache used batches of 4)
+        online = dvae.tokenize(views)  # 3 x h x w, one image at a time (the cache used batches of 4)
         cached = torch.stack([cache[index, v] for v in range(3)])
         assert cached.dtype == torch.long and torch.equal(cached, online), index
         assert torch.equal(cache[index], cache[index, 0])
@@ -84,7 +84,7 @@ def test_datasets_serve_tokens_aligned_with_the_crop(setup):
     cache = TokenCache(setup["out"], manifest=setup["manifest"])
     cached = ImageTextTokenPairs(entries, VIT_SIZE, token_cache=cache, cache_crop="any", seed=3)
     online = ImageTextTokenPairs(entries, VIT_SIZE, DVAE_SIZE, scale=None, seed=3)  # centre crop, tokenized in the step
-    tokenizer = setup["tokenizer"]
+    dvae = setup["dvae"]
     variants = set()
     for pair_index in range(0, len(cached), 3):
         item = cached[pair_index, 1]
@@ -102,7 +102,7 @@ def test_datasets_serve_tokens_aligned_with_the_crop(setup):
         live = online[pair_index, 1]
         dvae_view = live["image_dvae"]
         assert dvae_view.shape == (3, DVAE_SIZE, DVAE_SIZE) and 0 <= dvae_view.min() <= dvae_view.max() <= 1
-        assert torch.equal(tokenizer.tokenize(live["image_dvae"][None])[0], cache[entry_index, 0])
+        assert torch.equal(dvae.tokenize(live["image_dvae"][None])[0], cache[entry_index, 0])
     assert len(variants) > 1
     # Same (seed, epoch, index): same item; other epochs draw other cached variants.
     assert torch.equal(cached[5, 2]["image"], cached[5, 2]["image"])
@@ -143,14 +143,14 @@ def test_mismatches_are_named(setup, tmp_path):
     with pytest.raises(TokenCacheError, match=rf"{out}.*does not match {edited}: the manifest sha1"):
         TokenCache(out, manifest=edited)
     other_weights = save_weights(tmp_path / "other.safetensors", DVAEWeights(
-        encoder=DalleTokenizer(input_size=DVAE_SIZE, **TINY).encoder.state_dict(), arch=setup["tokenizer"].arch))
+        encoder=DalleTokenizer(input_size=DVAE_SIZE, **TINY).encoder.state_dict(), arch=setup["dvae"].arch))
     with pytest.raises(TokenCacheError, match=rf"does not match {other_weights}: the dVAE weights sha1"):
         TokenCache(out, weights=other_weights)
     with pytest.raises(TokenCacheError, match=r"the token grid is \(4, 4\) in the cache but \(24, 24\) now"):
         TokenCache(out, grid=24)
     with pytest.raises(TokenCacheError, match="the dVAE vocabulary is 64 in the cache but 8192 now"):
         TokenCache(out, vocab_size=8192)
-    with pytest.raises(FileNotFoundError, match="cots-tokenizer cache"):
+    with pytest.raises(FileNotFoundError, match="cots-dvae cache"):
         TokenCache(tmp_path / "missing.npy")
     # An interrupted build (no sidecar) is not a cache.
     partial = tmp_path / "partial.npy"

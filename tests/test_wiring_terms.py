@@ -252,7 +252,7 @@ def test_vilem_terms_score_the_edits_against_their_labels():
 
 def test_online_dvae_tokens_of_the_dvae_views_are_the_cmvm_targets():
     """Without cached tokens the targets are the dVAE's ids of ``images_dvae`` (of the pairs the masked pass reads)."""
-    from cots_tokenizers import DalleTokenizer
+    from cots_dvae import DalleTokenizer
 
     tokens_cfg = {"source": "online", "dvae_input_size": 32, "vocab_size": IMAGE_VOCAB, "weights": None,
                   "random_dvae": {"n_hid": 8, "n_blk_per_group": 1, "seed": 3}}

@@ -265,14 +265,14 @@ class ImageTextDataModule(L.LightningDataModule):
         tokens = self.image_tokens or {}
         weights = tokens.get("weights")
         if weights and not Path(weights).is_file():
-            problems.append(f"data.image_tokens.weights: file not found: {weights} (train one: `cots-tokenizer "
+            problems.append(f"data.image_tokens.weights: file not found: {weights} (train one: `cots-dvae "
                             f"train --manifest {self.manifests['train']} --vocab-size {tokens.get('vocab_size')} "
                             f"--input-size {tokens.get('dvae_input_size')} --out {weights}`, as `make train-mvlm` does "
-                            f"for the emoji dVAE; official DALL-E weights: `cots-tokenizer convert --pkl encoder.pkl "
+                            f"for the emoji dVAE; official DALL-E weights: `cots-dvae convert --pkl encoder.pkl "
                             f"--out {weights}`)")
         if tokens.get("source") == "cache" and tokens.get("cache"):
             if not all(path.is_file() for path in cache_paths(tokens["cache"])):
                 problems.append(f"data.image_tokens.cache: token cache not found or incomplete: {tokens['cache']} "
-                                f"(build it with `cots-tokenizer cache --manifest {self.manifests['train']} ... "
+                                f"(build it with `cots-dvae cache --manifest {self.manifests['train']} ... "
                                 f"--out {tokens['cache']}`)")
         return problems

@@ -5,6 +5,7 @@ CSV:  a header with an image column and a caption column (names configurable);
       rows with the same image are grouped into one entry with several captions.
 
 Image paths are relative to ``image_root`` (default: the manifest's folder).
+This module only reads; the offline builders write with :mod:`cots.prepare.manifest_writer`.
 """
 from __future__ import annotations
 
@@ -91,10 +92,3 @@ def _read_csv(path: Path, image_column: str, caption_column: str) -> list[tuple[
             raise ManifestError(f"{path}: missing CSV column(s) {sorted(missing)}; found {reader.fieldnames}")
         return [(row[image_column], [row[caption_column] or ""]) for row in reader]
 
-
-def write_manifest(path: str | Path, entries: list[dict]) -> None:
-    """Write a JSON manifest atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(entries, ensure_ascii=False, indent=0), encoding="utf-8")
-    tmp.replace(path)

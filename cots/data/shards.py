@@ -1,6 +1,6 @@
 """WebDataset tar shards of image-caption pairs: the format, and a streaming training set over it.
 
-Layout of ``DIR`` (written by ``cots-data shards``, :func:`cots.data.shard_writer.write_shards`):
+Layout of ``DIR`` (written by ``cots-data shards``, :func:`cots.prepare.shard_writer.write_shards`):
 
 * ``shard-000000.tar`` ...: one sample per (image, caption) pair, the unit the training path
   draws, so that an epoch is "every pair once" exactly as with :class:`ImageTextPairs`. An

@@ -4,10 +4,14 @@ Each image holds two shapes in two different quadrants over a noisy background;
 its captions name colour, shape and position of both, in several phrasings, so
 that retrieval above chance needs colour, shape and layout to be learnt. It is
 written to disk as PNGs + standard JSON manifests and read back by the same
-loader as real data.
+loader as real data. It is built on first use by the data module, so it lives with the
+training-time code and imports no builder: its manifests are written with ``json`` directly
+(the same bytes as :func:`cots.prepare.manifest_writer.write_manifest`; the whole folder is
+renamed into place, so no file needs its own atomic write).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -15,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from cots.data.manifest import write_manifest
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 20), "purple": (150, 50, 190), "black": (20, 20, 20)}
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -93,7 +95,8 @@ def ensure_synthetic_dataset(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         for split, n in (("train", num_train), ("val", num_val), ("test", num_test)):
-            write_manifest(tmp / f"{split}.json", write_synthetic_split(tmp, split, n, image_size, seed))
+            entries = write_synthetic_split(tmp, split, n, image_size, seed)
+            (tmp / f"{split}.json").write_text(json.dumps(entries, ensure_ascii=False, indent=0), encoding="utf-8")
         (tmp / "COMPLETE").write_text(stamp)
         if out_dir.exists():
             shutil.rmtree(out_dir, ignore_errors=True)

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from cots.models.local_paths import resolve_local_dir
+from cots.local_paths import resolve_local_dir
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 

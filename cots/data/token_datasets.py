@@ -13,7 +13,6 @@ under any number of workers or ranks, and after a resume.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
@@ -24,6 +23,7 @@ from cots.data.manifest import ManifestEntry
 from cots.data.text_tokenizer import TextTokenizer
 from cots.data.token_cache import TokenCache
 from cots.masking import BlockMaskGenerator, TextMasker, sample_rng
+from cots_dvae.arch import DOWNSAMPLE
 
 CACHE_CROPS = ("center", "random", "any")
 
@@ -85,7 +85,7 @@ class ImageTextTokenPairs(ImageTextPairs):
             self.dvae_input_size = int(dvae_input_size)
         self.cache_crop = cache_crop
         if mask_generator is not None:
-            grid = self.dvae_input_size // 8
+            grid = self.dvae_input_size // DOWNSAMPLE
             if (mask_generator.height, mask_generator.width) != (grid, grid):
                 raise ValueError(f"mask grid {mask_generator.height}x{mask_generator.width} != token grid {grid}x{grid}")
 
@@ -189,12 +189,12 @@ def build_token_pairs(
     dvae_size = cfg.get("dvae_input_size")
     cache = None
     if source == "cache":
-        grid = dvae_size // 8 if dvae_size else None
+        grid = dvae_size // DOWNSAMPLE if dvae_size else None
         cache = TokenCache(cfg["cache"], manifest=manifest, weights=cfg.get("weights"), num_images=len(entries),
                            grid=grid, vocab_size=cfg.get("vocab_size"), dvae_input_size=dvae_size)
         dvae_size = int(cache.meta["dvae_input_size"])  # anything else is the online path (config_checks)
     block_mask = cfg.get("block_mask")
-    generator = BlockMaskGenerator(dvae_size // 8, **dict(block_mask)) if block_mask is not None else None
+    generator = BlockMaskGenerator(dvae_size // DOWNSAMPLE, **dict(block_mask)) if block_mask is not None else None
     return ImageTextTokenPairs(
         entries,
         image_size,

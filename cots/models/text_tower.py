@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from cots.models.local_paths import resolve_local_dir
+from cots.local_paths import resolve_local_dir
 
 
 # A sentence encoder's checkpoint (MiniLM) carries BERT's pooler; the tower has none: the one expected leftover.

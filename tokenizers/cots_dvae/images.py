@@ -1,14 +1,17 @@
-"""Read manifest images into one in-memory uint8 tensor for dVAE training."""
+"""Read images into one in-memory uint8 tensor for dVAE training.
+
+Takes image paths, not manifests: ``cots_dvae`` imports nothing from ``cots``; ``cots-dvae train``
+(:mod:`cots.prepare.dvae_cli`) reads the manifest and passes its image paths.
+"""
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-
-from cots.data.manifest import load_manifest
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -46,34 +49,27 @@ def load_square(path: str | Path, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def load_manifest_images(
-    manifest: str | Path,
-    size: int,
-    image_root: str | Path | None = None,
-    max_images: int | None = None,
-) -> torch.Tensor:
-    """All (or the first ``max_images``) images of a manifest, resized and cropped.
+def load_images(paths: Sequence[str | Path], size: int, source: str | Path = "images") -> torch.Tensor:
+    """The images at ``paths``, in order, resized and cropped (:func:`load_square`).
 
     Unreadable files are skipped with a count on stderr; none readable is an error.
 
     Args:
-        manifest: JSON/CSV manifest (see ``cots.data.manifest``).
+        paths: image files.
         size: output side in pixels.
-        image_root: folder image paths are relative to (default: the manifest's).
-        max_images: cap on the number of entries read.
+        source: where the paths came from (e.g. the manifest), named in the error.
 
     Returns:
-        uint8 (N, 3, size, size).
+        uint8 (N, 3, size, size), N = the readable paths.
     """
-    entries = load_manifest(manifest, image_root=image_root)[:max_images]
     images, failed = [], []
-    for entry in entries:
+    for path in paths:
         try:
-            images.append(load_square(entry.image, size))
+            images.append(load_square(path, size))
         except (OSError, ValueError) as err:  # PIL raises OSError for missing/corrupt files
-            failed.append(f"{entry.image}: {err}")
+            failed.append(f"{path}: {err}")
     if failed:
         print(f"skipped {len(failed)} unreadable image(s), e.g. {failed[0]}", file=sys.stderr)
     if not images:
-        raise ValueError(f"{manifest}: no readable images among {len(entries)} entries")
+        raise ValueError(f"{source}: no readable images among {len(paths)} entries")
     return torch.stack(images)

@@ -5,7 +5,7 @@ Metadata (all strings, as safetensors requires):
     version     "1"
     arch        JSON of ``DVAEArch`` (so loading needs no config)
     input_size  pixels the model was trained at (optional; absent for converted weights)
-    source      free text: "converted from ..." or "trained by cots-tokenizer train"
+    source      free text: "converted from ..." or "trained by cots-dvae train"
     train       JSON of training config and metrics (optional)
 
 Reading uses ``safetensors`` only: nothing here ever unpickles.
@@ -104,7 +104,7 @@ def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"dVAE weights not found: {path}. Create them with `cots-tokenizer convert --pkl encoder.pkl "
-            f"--out {path}` (official DALL-E weights) or `cots-tokenizer train --manifest ... --out {path}`."
+            f"dVAE weights not found: {path}. Create them with `cots-dvae convert --pkl encoder.pkl "
+            f"--out {path}` (official DALL-E weights) or `cots-dvae train --manifest ... --out {path}`."
         )
     return path

@@ -1,4 +1,4 @@
-"""Image tokenizer (cots_tokenizers): conversion, safe loading, tokens, frozen state, dVAE training."""
+"""The dVAE (cots_dvae): conversion, safe loading, tokens, frozen state, dVAE training."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from dall_e import Encoder, map_pixels
 from PIL import Image
 
-from cots_tokenizers import DalleTokenizer, ImageTokenizer, dvae_input_size
-from cots_tokenizers.cli import main as cli_main
-from cots_tokenizers.images import to_rgb
-from cots_tokenizers.weights import load_weights, save_weights
+from cots.prepare.dvae_cli import main as cli_main
+from cots_dvae import DalleTokenizer, ImageTokenizer, dvae_input_size
+from cots_dvae.images import to_rgb
+from cots_dvae.weights import load_weights, save_weights
 
 TINY = dict(n_hid=16, n_blk_per_group=1, vocab_size=64)
 
@@ -97,7 +97,7 @@ def test_stays_frozen_after_train():
 
 
 def test_load_errors_are_explicit(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cots-tokenizer convert"):
+    with pytest.raises(FileNotFoundError, match="cots-dvae convert"):
         DalleTokenizer(tmp_path / "missing.safetensors", input_size=32)
 
     good = DalleTokenizer(input_size=32, **TINY)
@@ -115,7 +115,7 @@ def test_load_errors_are_explicit(tmp_path):
 
 
 def load_weights_from_module(tok: DalleTokenizer, path: Path) -> Path:
-    from cots_tokenizers.weights import DVAEWeights
+    from cots_dvae.weights import DVAEWeights
 
     return save_weights(path, DVAEWeights(encoder=tok.encoder.state_dict(), arch=tok.arch))
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cots.data.emoji_catalog import (
+from cots.prepare.emoji_catalog import (
     SPLIT_RULE,
     EmojiDataError,
     EmojiItem,
@@ -37,8 +37,8 @@ from cots.data.emoji_catalog import (
     split_of,
     train_captions,
 )
-from cots.data.manifest import write_manifest
-from cots.data.npm_packages import NpmPackage, fetch_package
+from cots.prepare.manifest_writer import write_manifest
+from cots.prepare.npm_packages import NpmPackage, fetch_package
 
 log = logging.getLogger(__name__)
 

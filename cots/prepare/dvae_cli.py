@@ -1,4 +1,9 @@
-"""``cots-tokenizer``: convert official dVAE weights, train a dVAE, cache a manifest's tokens, inspect a file."""
+"""``cots-dvae``: convert official dVAE weights, train a dVAE, cache a manifest's tokens, inspect a file.
+
+It lives in ``cots.prepare`` and not in ``cots_dvae`` because it reads manifests and writes token
+caches (``cots.data``, ``cots.prepare``); ``cots_dvae`` itself takes image paths and imports
+nothing from ``cots``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,13 +13,14 @@ from dataclasses import fields
 
 import torch
 
-from .train_dvae import TrainConfig
+from cots_dvae.arch import DOWNSAMPLE
+from cots_dvae.train_dvae import TrainConfig
 
 _TRAIN_DEFAULTS = TrainConfig()
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cots-tokenizer", description=__doc__)
+    p = argparse.ArgumentParser(prog="cots-dvae", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="pickled dall_e encoder.pkl -> safetensors (unpickles: trusted files only)")
@@ -41,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--weights", required=True, help="dVAE .safetensors (convert or train output)")
     k.add_argument("--image-size", type=int, required=True, help="ViT input side in px (data.image_size)")
     k.add_argument("--out", required=True, help="tokens file, e.g. data/coco/train_tokens.npy (.boxes.npy and .json beside it)")
-    k.add_argument("--patch-size", type=int, default=None, help="ViT patch side: the dVAE size is then image_size / patch_size * 8")
+    k.add_argument("--patch-size", type=int, default=None,
+                   help=f"ViT patch side: the dVAE size is then image_size / patch_size * {DOWNSAMPLE}")
     k.add_argument("--dvae-size", type=int, default=None, help="dVAE input side in px (default: from --patch-size, else the file's)")
     k.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the manifest's)")
     k.add_argument("--crops", type=int, default=0, help="k random resized crops per image besides the centre crop")
@@ -64,27 +71,29 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
         # Expected user errors (missing file, wrong state dict, bad option): one line, no traceback.
-        print(f"cots-tokenizer {args.command}: error: {err}", file=sys.stderr)
+        print(f"cots-dvae {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "convert":
-        from .convert import convert_pickled_encoder
+        from cots_dvae.convert import convert_pickled_encoder
 
         out = convert_pickled_encoder(args.pkl, args.out)
         print(f"wrote {out}")
     elif args.command == "train":
-        from .train_dvae import train_from_manifest
+        from cots.data.manifest import load_manifest
+        from cots_dvae.train_dvae import train_from_paths
 
         if args.threads:
             torch.set_num_threads(args.threads)
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-        train_from_manifest(args.manifest, args.out, cfg, image_root=args.image_root, max_images=args.max_images)
+        entries = load_manifest(args.manifest, image_root=args.image_root)[: args.max_images]
+        train_from_paths([entry.image for entry in entries], args.out, cfg, source=args.manifest)
     elif args.command == "cache":
         _cache(args)
     elif args.command == "info":
-        from .weights import load_weights
+        from cots_dvae.weights import load_weights
 
         w = load_weights(args.path)
         n = sum(v.numel() for v in w.encoder.values())
@@ -94,27 +103,25 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> None:
-    from cots.data.token_cache import build_token_cache
     from cots.geometry import check_grid
-
-    from .base import dvae_input_size
-    from .dalle import DalleTokenizer
+    from cots.prepare.token_cache_builder import build_token_cache
+    from cots_dvae import DalleTokenizer, dvae_input_size
 
     if args.threads:
         torch.set_num_threads(args.threads)
     size = args.dvae_size
     if size is None and args.patch_size:
         size = dvae_input_size(args.image_size, args.patch_size)
-    tokenizer = DalleTokenizer(args.weights, input_size=size)
+    dvae = DalleTokenizer(args.weights, input_size=size)
     if args.patch_size:
-        check_grid(args.image_size, args.patch_size, tokenizer.input_size, tokenizer.downsample,
+        check_grid(args.image_size, args.patch_size, dvae.input_size, dvae.downsample,
                    keys=("--image-size", "--patch-size", "--dvae-size"))
     out = build_token_cache(
-        args.manifest, tokenizer, args.out, args.image_size, image_root=args.image_root, crops=args.crops,
+        args.manifest, dvae, args.out, args.image_size, image_root=args.image_root, crops=args.crops,
         scale=tuple(args.crop_scale), ratio=tuple(args.crop_ratio), seed=args.seed, batch_size=args.batch_size,
         num_workers=args.workers, device=args.device, weights=args.weights,
     )
-    print(f"wrote {out} ({tokenizer.grid_size()}x{tokenizer.grid_size()} tokens, 1 + {args.crops} crops per image)")
+    print(f"wrote {out} ({dvae.grid_size()}x{dvae.grid_size()} tokens, 1 + {args.crops} crops per image)")
 
 
 if __name__ == "__main__":

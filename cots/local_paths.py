@@ -1,4 +1,8 @@
-"""Resolve local model directories, including ones shipped inside installed packages."""
+"""Resolve local model directories, including ones shipped inside installed packages.
+
+A neutral module: the data layer (caption tokenizer) and the models (text tower, ViLEM
+generator) both read local directories, and neither may import the other.
+"""
 from __future__ import annotations
 
 import importlib.resources

@@ -16,8 +16,8 @@ class DalleTokenizer(ImageTokenizer):
     """``dall_e.Encoder`` + argmax, loaded from safetensors (never from pickle).
 
     Args:
-        weights: ``.safetensors`` file from ``cots-tokenizer convert`` or
-            ``cots-tokenizer train``. None builds a randomly initialised encoder
+        weights: ``.safetensors`` file from ``cots-dvae convert`` or
+            ``cots-dvae train``. None builds a randomly initialised encoder
             (only for tests and smoke runs: its tokens carry no meaning).
         input_size: pixels the encoder sees; must be grid * 8 where grid is the
             ViT patch grid (see ``dvae_input_size``). Default: the resolution
@@ -56,7 +56,7 @@ class DalleTokenizer(ImageTokenizer):
         size = input_size if input_size is not None else file_size
         if size is None:
             raise ValueError(
-                "input_size is required (the file does not record one): use the ViT patch grid * 8, "
+                f"input_size is required (the file does not record one): use the ViT patch grid * {DOWNSAMPLE}, "
                 "e.g. 112 for a 224-px ViT with 16-px patches"
             )
         if size % self.downsample:

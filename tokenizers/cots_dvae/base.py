@@ -6,14 +6,16 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from .arch import DOWNSAMPLE
 
-def dvae_input_size(image_size: int, patch_size: int, downsample: int = 8) -> int:
-    """Pixels the tokenizer must see so that its grid matches the ViT's patch grid.
+
+def dvae_input_size(image_size: int, patch_size: int, downsample: int = DOWNSAMPLE) -> int:
+    """Pixels the dVAE must see so that its grid matches the ViT's patch grid.
 
     Args:
         image_size: side of the ViT input crop, e.g. 224.
         patch_size: ViT patch side, e.g. 16.
-        downsample: tokenizer downsampling factor (8 for the DALL-E dVAE).
+        downsample: dVAE downsampling factor (``DOWNSAMPLE``, 8 for the DALL-E dVAE).
 
     Returns:
         ``(image_size // patch_size) * downsample``, e.g. 224/16*8 = 112.
@@ -48,20 +50,20 @@ class ImageTokenizer(nn.Module, ABC):
         return super().train(False)
 
     def grid_size(self, image_size: int | None = None) -> int:
-        """Tokens per side for a tokenizer input of ``image_size`` pixels.
+        """Tokens per side for a dVAE input of ``image_size`` pixels.
 
         Args:
-            image_size: side in pixels at the tokenizer's resolution; default
+            image_size: side in pixels at the dVAE's resolution; default
                 ``input_size``, which is what ``tokenize`` always resizes to.
         """
         size = self.input_size if image_size is None else image_size
         if size % self.downsample:
-            raise ValueError(f"image size {size} is not a multiple of the tokenizer downsampling {self.downsample}")
+            raise ValueError(f"image size {size} is not a multiple of the dVAE downsampling {self.downsample}")
         return size // self.downsample
 
     @abstractmethod
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Tokenizer-specific preprocessing.
+        """Model-specific preprocessing.
 
         Args:
             images: float (B, 3, H, W) in [0, 1] (NOT ImageNet-normalised).

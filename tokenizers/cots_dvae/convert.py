@@ -1,7 +1,7 @@
 """One-off, explicit conversion of the official pickled ``encoder.pkl`` to safetensors.
 
 This is the ONLY place in the package that unpickles, and only when a user runs
-``cots-tokenizer convert``. Everything else reads the safetensors output.
+``cots-dvae convert``. Everything else reads the safetensors output.
 """
 from __future__ import annotations
 
@@ -56,6 +56,6 @@ def convert_pickled_encoder(pkl: str | Path, out: str | Path) -> Path:
     weights = DVAEWeights(
         encoder={k: v.float() for k, v in state.items()},
         arch=arch,
-        extra={"source": f"converted from {pkl.name} by cots-tokenizer convert"},
+        extra={"source": f"converted from {pkl.name} by cots-dvae convert"},
     )
     return save_weights(out, weights)

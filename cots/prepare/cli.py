@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cots.data.emoji import (
+from cots.data.manifest import ManifestError
+from cots.prepare.emoji import (
     OPEN_VENDORS,
     RESTRICTED_VENDORS,
     VENDOR_LICENCES,
@@ -22,11 +23,10 @@ from cots.data.emoji import (
     find_complete_build,
     format_summary,
 )
-from cots.data.emoji_catalog import EmojiDataError
-from cots.data.manifest import ManifestError
-from cots.data.npm_packages import NpmError, default_cache_dir, require_npm
+from cots.prepare.emoji_catalog import EmojiDataError
+from cots.prepare.npm_packages import NpmError, default_cache_dir, require_npm
 
-log = logging.getLogger("cots.data")
+log = logging.getLogger("cots.prepare")
 
 
 def _add_emoji(subparsers: argparse._SubParsersAction) -> None:
@@ -109,8 +109,8 @@ def _add_shards(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_shards(args: argparse.Namespace) -> int:
     # Imported here: they import torch, which the other subcommands do without.
-    from cots.data.shard_writer import write_shards
     from cots.data.shards import ShardError
+    from cots.prepare.shard_writer import write_shards
 
     start = time.monotonic()
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from dall_e import map_pixels
 
-from .arch import DVAEArch, build_decoder, build_encoder
-from .images import load_manifest_images
+from .arch import DOWNSAMPLE, DVAEArch, build_decoder, build_encoder
+from .images import load_images
 from .metrics import decode_mean_logits, evaluate_dvae, reconstruct
 from .preview import save_comparison
 from .weights import DVAEWeights, save_weights
@@ -60,8 +61,8 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.input_size % 8:
-            raise ValueError(f"input_size must be a multiple of 8, got {self.input_size}")
+        if self.input_size % DOWNSAMPLE:
+            raise ValueError(f"input_size must be a multiple of {DOWNSAMPLE}, got {self.input_size}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
 
@@ -195,7 +196,7 @@ def _save(out: Path, cfg: TrainConfig, result: dict, encoder: torch.nn.Module, d
     info = {"config": asdict(cfg), **result}
     save_weights(out, DVAEWeights(
         encoder=encoder.state_dict(), decoder=decoder.state_dict(), arch=cfg.arch, input_size=cfg.input_size,
-        extra={"source": "trained by cots-tokenizer train", "train": json.dumps(info)},
+        extra={"source": "trained by cots-dvae train", "train": json.dumps(info)},
     ))
     sample = held[:16]
     png = save_comparison(out.with_name(out.stem + "_recon.png"), sample,
@@ -205,9 +206,15 @@ def _save(out: Path, cfg: TrainConfig, result: dict, encoder: torch.nn.Module, d
     log(f"saved {out}, {png}, {metrics}")
 
 
-def train_from_manifest(manifest: str | Path, out: str | Path, cfg: TrainConfig,
-                        image_root: str | Path | None = None, max_images: int | None = None) -> dict:
-    """Load a manifest's images at ``cfg.input_size`` and run ``train_dvae``."""
-    images = load_manifest_images(manifest, cfg.input_size, image_root=image_root, max_images=max_images)
-    print(f"loaded {len(images)} images of {cfg.input_size}px from {manifest}")
+def train_from_paths(paths: Sequence[str | Path], out: str | Path, cfg: TrainConfig,
+                     source: str | Path = "images") -> dict:
+    """Load the images at ``paths`` at ``cfg.input_size`` and run ``train_dvae``.
+
+    Args:
+        paths: image files (``cots-dvae train`` passes a manifest's, in manifest order).
+        out, cfg: as :func:`train_dvae`.
+        source: where the paths came from (e.g. the manifest), named in the log and errors.
+    """
+    images = load_images(paths, cfg.input_size, source=source)
+    print(f"loaded {len(images)} images of {cfg.input_size}px from {source}")
     return train_dvae(images, cfg, out=out)
