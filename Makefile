@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export TOKENIZERS_PARALLELISM ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install test test-fast emoji-data train train-mvlm smoke clean clean-dvae
+.PHONY: help install lint format test test-fast emoji-data train train-mvlm smoke clean clean-dvae
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -16,8 +16,16 @@ install: $(STAMP)  ## create .venv and install cots with its test and optional e
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e ".[test,minilm]"
+	$(BIN)/python -m pip install -q -e ".[test,lint,minilm]"
 	rm -f $(VENV)/.installed-* && touch $@
+
+lint: install  ## ruff: lint rules and the format check (pyproject.toml [tool.ruff])
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install  ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test: install  ## the whole test suite (slow DDP / resume runs included)
 	$(BIN)/python -m pytest -q

@@ -11,6 +11,7 @@ The rows are a list of override sets: a new part of the objective is one more en
 One run per row and one seed: for several seeds, an equal wall-clock budget and resumable
 runs, use ``bench/evidence.py``.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,13 @@ def run_row(name: str, overrides: list[str], out: Path) -> dict:
     start = time.perf_counter()
     metrics, objects = train(cfg)
     module = objects["module"]
-    row = {"setting": name, "overrides": overrides, "steps": int(objects["trainer"].global_step),
-           "minutes": (time.perf_counter() - start) / 60, "train_loss": metrics.get("train/loss")}
+    row = {
+        "setting": name,
+        "overrides": overrides,
+        "steps": int(objects["trainer"].global_step),
+        "minutes": (time.perf_counter() - start) / 60,
+        "train_loss": metrics.get("train/loss"),
+    }
     row.update({key: module.last_retrieval.get(key) for key in RETRIEVAL_KEYS})
     row.update(module.last_error_accuracy)  # ViLEM detection / correction accuracy on held-out captions, when on
     row.update(amf_stats(module))  # precision / recall against injected noise, when AMF is on
@@ -63,8 +69,16 @@ def main() -> None:
     for name, overrides in settings:
         print(f"\n=== {name}: {' '.join(overrides)}", flush=True)
         rows.append(run_row(name, [*common, *overrides], args.out))
-        columns = ["setting", *RETRIEVAL_KEYS, "amf_filtered_after_warmup", "vilem_det_acc", "vilem_det_majority",
-                   "vilem_cor_acc", "train_loss", "minutes"]
+        columns = [
+            "setting",
+            *RETRIEVAL_KEYS,
+            "amf_filtered_after_warmup",
+            "vilem_det_acc",
+            "vilem_det_majority",
+            "vilem_cor_acc",
+            "train_loss",
+            "minutes",
+        ]
         header = f"# Ablation: {args.steps} steps each, {' '.join(common)}"
         table = write_results(rows, args.out, "ablation", columns, header)  # after every row: partial results survive
     print(f"\n{header}\n\n{table}\n\nwrote {args.out / 'ablation.md'} and {args.out / 'ablation.json'}")

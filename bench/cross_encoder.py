@@ -4,6 +4,7 @@ One transformer over the concatenated ``[CLS]; image patch tokens; text tokens``
 match score per (image, caption) pair, so retrieval over N images x M captions runs it N*M times
 (UNITER / ViLT style). Built from timm's ``Block`` (fused ``scaled_dot_product_attention``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,16 @@ class CrossEncoder(nn.Module):
         width, depth, num_heads: the joint transformer.
     """
 
-    def __init__(self, image_size: int, patch_size: int, vocab_size: int, max_text_len: int,
-                 width: int, depth: int, num_heads: int) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        vocab_size: int,
+        max_text_len: int,
+        width: int,
+        depth: int,
+        num_heads: int,
+    ) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed(image_size, patch_size, 3, width)
         num_patches = self.patch_embed.num_patches
@@ -46,8 +55,10 @@ class CrossEncoder(nn.Module):
     @property
     def describe(self) -> str:
         block = self.blocks[0]
-        return (f"depth {len(self.blocks)}, width {self.norm.normalized_shape[0]}, heads {block.attn.num_heads}, "
-                f"{self.patch_embed.num_patches} patches + text")
+        return (
+            f"depth {len(self.blocks)}, width {self.norm.normalized_shape[0]}, heads {block.attn.num_heads}, "
+            f"{self.patch_embed.num_patches} patches + text"
+        )
 
 
 def cross_encoder_like(encoder: nn.Module, max_text_len: int) -> CrossEncoder:

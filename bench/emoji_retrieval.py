@@ -8,6 +8,7 @@ own), then score the held-out concepts (test split: concept groups never seen in
 on the Google and on the Twitter gallery separately: i2t and t2i R@1/5/10 and rsum.
 Writes ``<out>/emoji_retrieval.md`` and ``.json``.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,9 +47,15 @@ def main() -> None:
         emoji_dir = Path(cfg.data.test_manifest).parent
         galleries = {vendor: str(emoji_dir / f"test_{vendor}.json") for vendor in VENDORS}
         for vendor, scores in score_galleries(trainer, module, datamodule, galleries).items():
-            rows.append({"setting": name, "gallery": vendor,
-                         **{key: value for key, value in scores.items() if key not in ("manifest", "captions")},
-                         "train_minutes": minutes, "steps": trainer.global_step})
+            rows.append(
+                {
+                    "setting": name,
+                    "gallery": vendor,
+                    **{key: value for key, value in scores.items() if key not in ("manifest", "captions")},
+                    "train_minutes": minutes,
+                    "steps": trainer.global_step,
+                }
+            )
         table = write_results(rows, args.out, "emoji_retrieval", columns, header)
     chance = chance_table(rows[0]["images"], 1.0)
     rows_chance = [{"setting": "chance", "gallery": "-", "images": rows[0]["images"], **chance}]

@@ -57,6 +57,7 @@ of each sitting; ``checkpoints/last.ckpt`` every 50 steps until the record is wr
 table's base (``TABLES`` below): a new table, e.g. tuning candidates to compare with ``--split val``, is one
 more entry.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -172,18 +173,26 @@ TABLES: dict[str, Table] = {
                 Row(DEMO, (), timing="demo", vs="contrastive only"),
                 Row("+ AMF + L_task", ("objective.task.enabled=true",), timing="demo_task", vs=DEMO),
                 Row("+ AMF + CMVM/CMLM (emoji_mvlm)", ("experiment=emoji_mvlm",), timing="mvlm", vs=DEMO),
-                Row("full: + AMF + L_task + CMVM/CMLM", ("experiment=emoji_mvlm", "objective.task.enabled=true"),
-                    timing="full", vs=DEMO),
+                Row(
+                    "full: + AMF + L_task + CMVM/CMLM",
+                    ("experiment=emoji_mvlm", "objective.task.enabled=true"),
+                    timing="full",
+                    vs=DEMO,
+                ),
             ),
             notes="Rows are the demo (L_inst + AMF) with one part added or removed; Δ is against the row "
-                  "named in `vs`. CMVM/CMLM is emoji_mvlm's setting: 8 masked pairs per batch at weight 0.2.",
+            "named in `vs`. CMVM/CMLM is emoji_mvlm's setting: 8 masked pairs per batch at weight 0.2.",
         ),
         Table(
             "noise",
             "Injected caption swaps: AMF on and off, and what it filters",
             tuple(
-                Row(f"p={p} AMF {state}", (f"data.noise_rate={p}", f"objective.amf.enabled={str(on).lower()}"),
-                    timing="demo" if on else "contrastive", vs=f"p={p} AMF off" if on else None)
+                Row(
+                    f"p={p} AMF {state}",
+                    (f"data.noise_rate={p}", f"objective.amf.enabled={str(on).lower()}"),
+                    timing="demo" if on else "contrastive",
+                    vs=f"p={p} AMF off" if on else None,
+                )
                 for p in (0.2, 0.4)
                 for state, on in (("off", False), ("on", True))
             ),
@@ -191,9 +200,9 @@ TABLES: dict[str, Table] = {
             base=(f"experiment={BUDGET_EXPERIMENT}", "data.noise_seed=0"),
             reference=("ablation", DEMO),
             notes="`data.noise_rate=p` gives a fraction p of the training pairs another pair's caption (the same "
-                  "pairs for every seed: `data.noise_seed=0`). AMF precision: the noisy share of what it filtered; "
-                  "recall: the filtered share of the noisy pairs; both over the pairs after its warm-up (4096 "
-                  "pairs, its similarity queue). p=0 is the ablation's first two rows.",
+            "pairs for every seed: `data.noise_seed=0`). AMF precision: the noisy share of what it filtered; "
+            "recall: the filtered share of the noisy pairs; both over the pairs after its warm-up (4096 "
+            "pairs, its similarity queue). p=0 is the ablation's first two rows.",
         ),
         Table(
             "cross_style",
@@ -204,9 +213,9 @@ TABLES: dict[str, Table] = {
             ),
             reference=("ablation", DEMO),
             notes="A one-vendor row trains on the chosen train manifest filtered to that vendor's images (half "
-                  "the pairs, so about twice the epochs in the same steps); its own vendor's gallery is in-style, "
-                  "the other cross-style; `in − cross` is their difference within each run. The reference row "
-                  "trains on both vendors.",
+            "the pairs, so about twice the epochs in the same steps); its own vendor's gallery is in-style, "
+            "the other cross-style; `in − cross` is their difference within each run. The reference row "
+            "trains on both vendors.",
         ),
     )
 }
@@ -255,8 +264,15 @@ class SittingClock(L.Callback):
 
     def on_train_start(self, trainer, module) -> None:
         self.sittings = read_json(self.path, [])
-        self.sittings.append({"started": now(), "host": platform.node(), "start_step": int(trainer.global_step),
-                              "end_step": int(trainer.global_step), "seconds": 0.0})
+        self.sittings.append(
+            {
+                "started": now(),
+                "host": platform.node(),
+                "start_step": int(trainer.global_step),
+                "end_step": int(trainer.global_step),
+                "seconds": 0.0,
+            }
+        )
         self._start = time.perf_counter()
         self._save(trainer)
 
@@ -300,6 +316,7 @@ def write_json_atomic(path: Path, data) -> None:
 
 def git_state() -> dict:
     """The commit, and the tracked files that differ from it (the runs measure the working tree)."""
+
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
@@ -307,8 +324,10 @@ def git_state() -> dict:
             return None
 
     commit, changed = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit.strip() if commit else None,
-            "modified": [line[3:] for line in changed.splitlines() if line.strip()] if changed else []}
+    return {
+        "commit": commit.strip() if commit else None,
+        "modified": [line[3:] for line in changed.splitlines() if line.strip()] if changed else [],
+    }
 
 
 def cpu_model() -> str:
@@ -322,9 +341,14 @@ def cpu_model() -> str:
 
 
 def machine() -> dict:
-    return {"host": platform.node(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    return {
+        "host": platform.node(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
 
 
 def vendor_of(image: str) -> str:
@@ -341,8 +365,11 @@ def vendor_manifest(source: Path, vendor: str, out: Path, image_root: str | None
     """
     entries = json.loads(Path(source).read_text())
     root = Path(image_root) if image_root else Path(source).resolve().parent
-    kept = [{**entry, "image": str((root / entry["image"]).resolve())}
-            for entry in entries if vendor_of(entry["image"]) == vendor]
+    kept = [
+        {**entry, "image": str((root / entry["image"]).resolve())}
+        for entry in entries
+        if vendor_of(entry["image"]) == vendor
+    ]
     if not kept:
         found = sorted({vendor_of(entry["image"]) for entry in entries})
         raise ManifestError(f"{source}: no image in a '{vendor}' folder (image folders there: {found})")
@@ -412,8 +439,15 @@ def timing_rows(tables: Iterable[Table]) -> dict[str, tuple[Table, Row]]:
     return defining
 
 
-def calibrate(tables: Sequence[Table], step_times_path: Path, logs: Path, steps: int = 30, warmup: int = 5,
-              force: bool = False, extra: Sequence[str] = ()) -> dict:
+def calibrate(
+    tables: Sequence[Table],
+    step_times_path: Path,
+    logs: Path,
+    steps: int = 30,
+    warmup: int = 5,
+    force: bool = False,
+    extra: Sequence[str] = (),
+) -> dict:
     """Median step time of every timing the tables use; merged into ``step_times_path`` after each one.
 
     Each timing is one short run of its defining row (no checkpoints, no test): ``steps`` steps, the first
@@ -427,8 +461,11 @@ def calibrate(tables: Sequence[Table], step_times_path: Path, logs: Path, steps:
             continue
         overrides = [*row_overrides(table, row, table.seeds[0], steps, extra), f"callbacks.step_timer.warmup={warmup}"]
         todo.append((key, table, row, overrides, logs / "calibrate" / slug(key)))
-    problems = [f"{key}: {p}" for key, table, row, overrides, run_dir in todo
-                for p in preflight(build_cfg(table, row, "test", overrides, run_dir), ())]
+    problems = [
+        f"{key}: {p}"
+        for key, table, row, overrides, run_dir in todo
+        for p in preflight(build_cfg(table, row, "test", overrides, run_dir), ())
+    ]
     if problems:
         raise SystemExit("not calibrating; fix these first:\n  " + "\n  ".join(problems))
     for key, table, row, overrides, run_dir in todo:
@@ -438,14 +475,23 @@ def calibrate(tables: Sequence[Table], step_times_path: Path, logs: Path, steps:
         disable_checkpoints(cfg)
         _, objects = train(cfg)
         timer = next(cb for cb in objects["trainer"].callbacks if isinstance(cb, StepTimer))
-        timed = timer.times[timer.warmup:]
+        timed = timer.times[timer.warmup :]
         if not timed:
             raise RuntimeError(f"{key}: no step after the {warmup} left out; raise --calibrate-steps")
         deciles = statistics.quantiles(timed, n=10) if len(timed) > 1 else [timed[0]] * 9
         data["timings"][key] = {
-            "median_ms": 1000 * statistics.median(timed), "p10_ms": 1000 * deciles[0], "p90_ms": 1000 * deciles[-1],
-            "timed_steps": len(timed), "left_out": timer.warmup, "table": table.name, "row": row.name,
-            "overrides": overrides, "date": now(), **git_state(), **machine(), "loadavg_before": load_before,
+            "median_ms": 1000 * statistics.median(timed),
+            "p10_ms": 1000 * deciles[0],
+            "p90_ms": 1000 * deciles[-1],
+            "timed_steps": len(timed),
+            "left_out": timer.warmup,
+            "table": table.name,
+            "row": row.name,
+            "overrides": overrides,
+            "date": now(),
+            **git_state(),
+            **machine(),
+            "loadavg_before": load_before,
         }
         write_json_atomic(step_times_path, data)
         print(f"{key}: median {data['timings'][key]['median_ms']:.1f} ms -> {step_times_path}")
@@ -489,16 +535,32 @@ class Budget:
         key = table.timing(row)
         timing = (self.step_times or {}).get("timings", {}).get(key)
         if timing is None:
-            raise SystemExit(f"no timing '{key}' (row {row.name!r}) in step_times.json: run "
-                             f"`bench/evidence.py calibrate {table.name}` on a quiet machine first")
-        return {"steps": planned_steps(self.seconds, timing["median_ms"]), "budget_seconds": self.seconds,
-                "timing": key, "calibrated_step_ms": timing["median_ms"], "timing_date": timing["date"],
-                "timing_commit": timing.get("commit")}
+            raise SystemExit(
+                f"no timing '{key}' (row {row.name!r}) in step_times.json: run "
+                f"`bench/evidence.py calibrate {table.name}` on a quiet machine first"
+            )
+        return {
+            "steps": planned_steps(self.seconds, timing["median_ms"]),
+            "budget_seconds": self.seconds,
+            "timing": key,
+            "calibrated_step_ms": timing["median_ms"],
+            "timing_date": timing["date"],
+            "timing_commit": timing.get("commit"),
+        }
 
 
-def run_table(table: Table, split: str, seeds: Sequence[int], budget: Budget, results: Path, logs: Path,
-              only: Sequence[str] = (), extra: Sequence[str] = (), checkpoint_every: int = CHECKPOINT_EVERY,
-              keep_checkpoints: bool = False) -> list[tuple[str, int, str]]:
+def run_table(
+    table: Table,
+    split: str,
+    seeds: Sequence[int],
+    budget: Budget,
+    results: Path,
+    logs: Path,
+    only: Sequence[str] = (),
+    extra: Sequence[str] = (),
+    checkpoint_every: int = CHECKPOINT_EVERY,
+    keep_checkpoints: bool = False,
+) -> list[tuple[str, int, str]]:
     """Run every (row, seed) of ``table`` that has no record yet; returns (row, seed, what happened) for each.
 
     What happened: ``skipped`` (a record exists), ``busy`` (another process holds the run), ``ran``
@@ -522,16 +584,33 @@ def run_table(table: Table, split: str, seeds: Sequence[int], budget: Budget, re
         for problem in preflight(cfg, galleries(table, split, cfg).values()):
             problems.setdefault(problem, []).append(f"{row.name!r} seed {seed}")
     if problems:
-        raise SystemExit("not starting; fix these first:\n" + "\n".join(
-            f"  {problem}\n    (stops {', '.join(runs)})" for problem, runs in problems.items()))
+        raise SystemExit(
+            "not starting; fix these first:\n"
+            + "\n".join(f"  {problem}\n    (stops {', '.join(runs)})" for problem, runs in problems.items())
+        )
     for row, seed in pending:
-        outcome.append((row.name, seed, run_one(table, row, split, seed, budget, results, logs, extra,
-                                                checkpoint_every, keep_checkpoints)))
+        outcome.append(
+            (
+                row.name,
+                seed,
+                run_one(table, row, split, seed, budget, results, logs, extra, checkpoint_every, keep_checkpoints),
+            )
+        )
     return outcome
 
 
-def run_one(table: Table, row: Row, split: str, seed: int, budget: Budget, results: Path, logs: Path,
-            extra: Sequence[str], checkpoint_every: int, keep_checkpoints: bool) -> str:
+def run_one(
+    table: Table,
+    row: Row,
+    split: str,
+    seed: int,
+    budget: Budget,
+    results: Path,
+    logs: Path,
+    extra: Sequence[str],
+    checkpoint_every: int,
+    keep_checkpoints: bool,
+) -> str:
     """Train (or resume) one (row, seed), score its galleries, write its record; returns what happened."""
     run_dir = logs / table.folder(split) / f"{row.slug}__seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -558,8 +637,11 @@ def run_one(table: Table, row: Row, split: str, seed: int, budget: Budget, resul
             cfg.callbacks.evidence_sittings = {"_target_": clock, "path": str(run_dir / "sittings.json")}
             cfg.ckpt_path = str(checkpoint) if checkpoint else None
         state = "resumed" if checkpoint else "ran"
-        print(f"\n=== {table.folder(split)} / {row.name} / seed {seed}: {plan['steps']} steps"
-              + (f", resuming {checkpoint}" if checkpoint else ""), flush=True)
+        print(
+            f"\n=== {table.folder(split)} / {row.name} / seed {seed}: {plan['steps']} steps"
+            + (f", resuming {checkpoint}" if checkpoint else ""),
+            flush=True,
+        )
         metrics, objects = train(cfg)
         trainer, module, datamodule = objects["trainer"], objects["module"], objects["datamodule"]
         start = time.perf_counter()
@@ -569,22 +651,37 @@ def run_one(table: Table, row: Row, split: str, seed: int, budget: Budget, resul
         measured = timer.median_step_seconds() if timer else None
         sittings = read_json(run_dir / "sittings.json", [])
         record = {
-            "table": table.name, "row": row.name, "row_slug": row.slug, "seed": seed, "split": split,
-            "row_overrides": list(row.overrides), "overrides": overrides, "vendor": row.vendor,
-            "train_manifest": cfg.data.train_manifest, "noise_seed": cfg.data.get("noise_seed"),
-            **{k: plan.get(k) for k in ("steps", "budget_seconds", "timing", "calibrated_step_ms", "timing_date",
-                                        "timing_commit")},
-            "global_step": int(trainer.global_step), "checkpoint_every": checkpoint_every,
+            "table": table.name,
+            "row": row.name,
+            "row_slug": row.slug,
+            "seed": seed,
+            "split": split,
+            "row_overrides": list(row.overrides),
+            "overrides": overrides,
+            "vendor": row.vendor,
+            "train_manifest": cfg.data.train_manifest,
+            "noise_seed": cfg.data.get("noise_seed"),
+            **{
+                k: plan.get(k)
+                for k in ("steps", "budget_seconds", "timing", "calibrated_step_ms", "timing_date", "timing_commit")
+            },
+            "global_step": int(trainer.global_step),
+            "checkpoint_every": checkpoint_every,
             "galleries": scores,
             "train_minutes": sum(s["seconds"] for s in sittings) / 60,
-            "budget_minutes": (plan["steps"] * plan["calibrated_step_ms"] / 60000
-                               if plan.get("calibrated_step_ms") else None),
+            "budget_minutes": (
+                plan["steps"] * plan["calibrated_step_ms"] / 60000 if plan.get("calibrated_step_ms") else None
+            ),
             "test_minutes": test_minutes,
             "measured_step_ms": 1000 * measured if measured else None,  # the last sitting's median (shared machine)
-            "sittings": sittings, "resumed": bool(checkpoint) or len(sittings) > 1,
+            "sittings": sittings,
+            "resumed": bool(checkpoint) or len(sittings) > 1,
             "train_loss": metrics.get("train/loss"),
             **amf_stats(module),
-            "finished": now(), **git_state(), "machine": machine(), "run_dir": str(run_dir),
+            "finished": now(),
+            **git_state(),
+            "machine": machine(),
+            "run_dir": str(run_dir),
         }
         write_json_atomic(record_file, record)
         print(f"wrote {record_file}: " + ", ".join(f"{g} rsum {s['rsum']:.1f}" for g, s in scores.items()))
@@ -612,13 +709,24 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def summarize_row(row: Row, records: dict[tuple[str, int], dict], seeds: Sequence[int], gallery_names: Sequence[str],
-                  other_vendor: dict[str, str] | None = None) -> dict:
+def summarize_row(
+    row: Row,
+    records: dict[tuple[str, int], dict],
+    seeds: Sequence[int],
+    gallery_names: Sequence[str],
+    other_vendor: dict[str, str] | None = None,
+) -> dict:
     """n, per-gallery rsum (mean, std, per seed), minutes, steps and AMF figures of one row."""
     found = {seed: rec for (name, seed), rec in records.items() if name == row.slug}
     all_seeds = sorted(set(seeds) | set(found))
-    out = {"row": row.name, "n": len(found), "seeds": all_seeds, "missing": [s for s in all_seeds if s not in found],
-           "rsum": {}, "steps": sorted({rec["steps"] for rec in found.values()})}
+    out = {
+        "row": row.name,
+        "n": len(found),
+        "seeds": all_seeds,
+        "missing": [s for s in all_seeds if s not in found],
+        "rsum": {},
+        "steps": sorted({rec["steps"] for rec in found.values()}),
+    }
     for gallery in gallery_names:
         per_seed = {seed: found[seed]["galleries"][gallery]["rsum"] if seed in found else None for seed in all_seeds}
         mean, std = mean_std([v for v in per_seed.values() if v is not None])
@@ -626,8 +734,10 @@ def summarize_row(row: Row, records: dict[tuple[str, int], dict], seeds: Sequenc
     for key in ("train_minutes", "budget_minutes", "amf_precision", "amf_recall", "amf_filtered_after_warmup"):
         out[key] = mean_std([rec[key] for rec in found.values() if rec.get(key) is not None])
     if row.vendor and other_vendor:  # in-style minus cross-style, within each run
-        gaps = [rec["galleries"][row.vendor]["rsum"] - rec["galleries"][other_vendor[row.vendor]]["rsum"]
-                for rec in found.values()]
+        gaps = [
+            rec["galleries"][row.vendor]["rsum"] - rec["galleries"][other_vendor[row.vendor]]["rsum"]
+            for rec in found.values()
+        ]
         out["in_minus_cross"] = mean_std(gaps)
     return out
 
@@ -674,7 +784,8 @@ def build_table(table: Table, split: str, results: Path, seeds: Sequence[int] | 
             cells[g] = fmt(s["rsum"][g]["mean"], s["rsum"][g]["std"])
             cells[f"d_{g}"] = delta(s["rsum"][g], by_name[row.vs]["rsum"][g]) if row and row.vs else ""
         cells["per_seed"] = ", ".join(
-            f"{seed}: " + " / ".join(fmt(s["rsum"][g]["per_seed"][seed], None) for g in names) for seed in s["seeds"])
+            f"{seed}: " + " / ".join(fmt(s["rsum"][g]["per_seed"][seed], None) for g in names) for seed in s["seeds"]
+        )
         cells["steps"] = "/".join(map(str, s["steps"])) or "–"
         cells["train_min"] = fmt(*s["train_minutes"])
         cells["budget_min"] = fmt(*s["budget_minutes"])
@@ -690,10 +801,17 @@ def build_table(table: Table, split: str, results: Path, seeds: Sequence[int] | 
     if show_gap:
         columns.append(("in − cross", "gap", ""))
     if show_amf:
-        columns += [("AMF precision %", "precision", ""), ("AMF recall %", "recall", ""),
-                    ("filtered %", "filtered", "")]
-    columns += [("per seed (" + " / ".join(g.capitalize() for g in names) + ")", "per_seed", ""),
-                ("steps", "steps", ""), ("train min", "train_min", ""), ("budget min", "budget_min", "")]
+        columns += [
+            ("AMF precision %", "precision", ""),
+            ("AMF recall %", "recall", ""),
+            ("filtered %", "filtered", ""),
+        ]
+    columns += [
+        ("per seed (" + " / ".join(g.capitalize() for g in names) + ")", "per_seed", ""),
+        ("steps", "steps", ""),
+        ("train min", "train_min", ""),
+        ("budget min", "budget_min", ""),
+    ]
     return render(table, split, records, lines, columns), summaries
 
 
@@ -704,18 +822,26 @@ def render(table: Table, split: str, records: dict, lines: list[dict], columns: 
     if any_record:
         for name, g in any_record["galleries"].items():
             chance = chance_table(g["images"], g["captions"] / max(g["images"], 1))["rsum"]
-            gallery_lines.append(f"{name}: `{Path(g['manifest']).name}`, {g['images']} images "
-                                 f"(chance rsum {chance:.1f})")
+            gallery_lines.append(
+                f"{name}: `{Path(g['manifest']).name}`, {g['images']} images (chance rsum {chance:.1f})"
+            )
     budgets = sorted({r["budget_seconds"] for r in records.values() if r.get("budget_seconds")})
     commits = sorted({(r.get("commit") or "?")[:10] + ("+" if r.get("modified") else "") for r in records.values()})
     vs = {r.name: r.vs for r in table.rows if r.vs}
     parts = [
         f"# {table.title} ({table.folder(split)})",
         "",
-        f"Split `{split}`: " + ("trained on the experiment's manifest" if not table.splits[split].train
-                                  else f"trained on `{table.splits[split].train}`")
-        + f"; base `{' '.join(table.base)}`; galleries " + ("; ".join(gallery_lines) or "(no records yet)") + ".",
-        "Budget: " + (", ".join(f"{b:.0f} s ({b / 60:.1f} min)" for b in budgets) or "–")
+        f"Split `{split}`: "
+        + (
+            "trained on the experiment's manifest"
+            if not table.splits[split].train
+            else f"trained on `{table.splits[split].train}`"
+        )
+        + f"; base `{' '.join(table.base)}`; galleries "
+        + ("; ".join(gallery_lines) or "(no records yet)")
+        + ".",
+        "Budget: "
+        + (", ".join(f"{b:.0f} s ({b / 60:.1f} min)" for b in budgets) or "–")
         + " of calibrated steps per run (steps = budget / the row's median step in `step_times.json`); "
         + f"runs at commit {', '.join(commits) or '–'} (`+`: with uncommitted changes).",
         "",
@@ -734,20 +860,29 @@ def render(table: Table, split: str, records: dict, lines: list[dict], columns: 
     if strays:  # a renamed or removed row: its records are kept but not shown
         parts += ["", "Records of no row of this table (not shown): " + ", ".join(strays) + "."]
     command = f"python bench/evidence.py table {table.name}" + (f" --split {split}" if split != "test" else "")
-    parts += ["", markdown_table(lines, columns), "",
-              f"Built by `{command}` from {len(records)} records in `{table.folder(split)}/`."]
+    parts += [
+        "",
+        markdown_table(lines, columns),
+        "",
+        f"Built by `{command}` from {len(records)} records in `{table.folder(split)}/`.",
+    ]
     return "\n".join(parts) + "\n"
 
 
 # -- command line ----------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, tables_nargs: str = "+") -> None:
-        p.add_argument("tables", nargs=tables_nargs, metavar="TABLE",  # checked below (choices rejects [] for *)
-                       help=f"of {', '.join(TABLES)}" + (" (default: all)" if tables_nargs == "*" else ""))
+        p.add_argument(
+            "tables",
+            nargs=tables_nargs,
+            metavar="TABLE",  # checked below (choices rejects [] for *)
+            help=f"of {', '.join(TABLES)}" + (" (default: all)" if tables_nargs == "*" else ""),
+        )
         p.add_argument("--results", type=Path, default=RESULTS, help="records, tables and step_times.json")
         p.add_argument("--step-times", type=Path, default=None, help="default: <results>/step_times.json")
 
@@ -801,8 +936,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"budget: {seconds:.0f} s ({seconds / 60:.1f} min) of calibrated steps per run")
             budget = Budget(seconds=seconds, step_times=step_times)
         for table in tables:
-            outcome = run_table(table, args.split, args.seeds or table.seeds, budget, args.results, args.logs,
-                                args.only or (), args.overrides, args.checkpoint_every, args.keep_checkpoints)
+            outcome = run_table(
+                table,
+                args.split,
+                args.seeds or table.seeds,
+                budget,
+                args.results,
+                args.logs,
+                args.only or (),
+                args.overrides,
+                args.checkpoint_every,
+                args.keep_checkpoints,
+            )
             print("\n".join(f"{table.folder(args.split)} / {row} / seed {seed}: {what}" for row, seed, what in outcome))
     elif args.command == "table":
         for table in tables:
@@ -821,10 +966,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             for row in table.rows:
                 timing = step_times["timings"].get(table.timing(row))
                 steps = planned_steps(seconds, timing["median_ms"]) if timing and seconds else None
-                print(f"  {row.name!r}: {' '.join(row.overrides) or '(base)'}"
-                      + (f" [train on {row.vendor} only]" if row.vendor else "")
-                      + f"; timing {table.timing(row)}: "
-                      + (f"{timing['median_ms']:.0f} ms -> {steps} steps" if timing else "not calibrated"))
+                print(
+                    f"  {row.name!r}: {' '.join(row.overrides) or '(base)'}"
+                    + (f" [train on {row.vendor} only]" if row.vendor else "")
+                    + f"; timing {table.timing(row)}: "
+                    + (f"{timing['median_ms']:.0f} ms -> {steps} steps" if timing else "not calibrated")
+                )
 
 
 if __name__ == "__main__":

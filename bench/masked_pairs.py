@@ -3,12 +3,14 @@
     python bench/masked_pairs.py                          # experiment=emoji_mvlm, needs data/emoji (make emoji-data)
     python bench/masked_pairs.py --out logs/bench/masked_pairs.json --steps 8
 
-Each row times the training step (``cots.training_step``) + backward under the experiment's bf16 autocast (no optimizer, no EMA),
+Each row times the training step (``cots.training_step``) + backward under the experiment's bf16 autocast
+(no optimizer, no EMA),
 median of ``--steps`` after one warm-up, twice: on one batch repeated (every shape the same each step)
 and on successive batches of the train loader (block masks, masked-word counts and caption lengths
 change each step, as in training): a gap between the two columns would be what changing shapes cost
 (the heads score only the masked positions, so their matmuls see a new row count every step).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +25,13 @@ from measure import autocast, compose_config, machine_info, markdown_table, time
 
 from cots.train import build_module  # noqa: E402
 
-SETTINGS = [("token level off", None, False), ("8 pairs", 8, True), ("16 pairs", 16, True),
-            ("32 pairs", 32, True), ("all pairs", None, True)]
+SETTINGS = [
+    ("token level off", None, False),
+    ("8 pairs", 8, True),
+    ("16 pairs", 16, True),
+    ("32 pairs", 32, True),
+    ("all pairs", None, True),
+]
 
 
 def time_step(model, training_step, batches: list[dict], params: list[torch.Tensor]) -> float:
@@ -50,8 +57,14 @@ def main() -> None:
     args = parser.parse_args()
     from hydra.utils import instantiate
 
-    cfg = compose_config([f"experiment={args.experiment}", "paths.output_dir=/tmp/cots-bench-masked-pairs",
-                          "paths.log_dir=/tmp/cots-bench-masked-pairs", *args.overrides])
+    cfg = compose_config(
+        [
+            f"experiment={args.experiment}",
+            "paths.output_dir=/tmp/cots-bench-masked-pairs",
+            "paths.log_dir=/tmp/cots-bench-masked-pairs",
+            *args.overrides,
+        ]
+    )
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -79,12 +92,20 @@ def main() -> None:
     for row in rows:
         row["same_extra_ms"] = row["same_batch_ms"] - base["same_batch_ms"]
         row["successive_extra_ms"] = row["successive_batches_ms"] - base["successive_batches_ms"]
-    table = markdown_table(rows, [("masked passes", "setting", ""), ("one batch, ms", "same_batch_ms", ".0f"),
-                                  ("+ vs off", "same_extra_ms", "+.0f"),
-                                  ("successive batches, ms", "successive_batches_ms", ".0f"),
-                                  ("+ vs off", "successive_extra_ms", "+.0f")])
-    header = (f"experiment={args.experiment}, batch {cfg.data.batch_size}, bf16 autocast, forward + backward, "
-              f"median of {args.steps}")
+    table = markdown_table(
+        rows,
+        [
+            ("masked passes", "setting", ""),
+            ("one batch, ms", "same_batch_ms", ".0f"),
+            ("+ vs off", "same_extra_ms", "+.0f"),
+            ("successive batches, ms", "successive_batches_ms", ".0f"),
+            ("+ vs off", "successive_extra_ms", "+.0f"),
+        ],
+    )
+    header = (
+        f"experiment={args.experiment}, batch {cfg.data.batch_size}, bf16 autocast, forward + backward, "
+        f"median of {args.steps}"
+    )
     print(f"\n{header}\n\n{table}")
     write_json(args.out, {"header": header, "rows": rows, "table": table, "machine": machine_info("cpu")})
 

@@ -3,11 +3,11 @@
 Nothing here imports Lightning (nor ``cots.train``, which does): ``bench/step_speed.py`` runs on
 machines that have only PyTorch, timm, transformers and the Hydra wheels.
 """
+
 from __future__ import annotations
 
-import json
-
 import ctypes
+import json
 import os
 import platform
 import resource
@@ -139,8 +139,12 @@ def matmul_rate(device: str, precision: str, n: int, reps: int = 5) -> dict:
             synchronize(device)
             seconds.append(time.perf_counter() - start)
     flops = 2 * n**3
-    return {"n": n, "precision": precision, "best_flops_per_s": flops / min(seconds),
-            "median_flops_per_s": flops / statistics.median(seconds)}
+    return {
+        "n": n,
+        "precision": precision,
+        "best_flops_per_s": flops / min(seconds),
+        "median_flops_per_s": flops / statistics.median(seconds),
+    }
 
 
 def _cpu_flash_attention_flop(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -163,7 +167,10 @@ def _extra_flop_formulas() -> dict:
 
 
 def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int], object]:
-    """FLOPs of one call of ``fn`` (matmuls, convolutions, attention; forward and backward): total, by op, and what fn returned."""
+    """FLOPs of one call of ``fn`` (matmuls, convolutions, attention; forward and backward).
+
+    Returns the total, the count by op, and what ``fn`` returned.
+    """
     with flop_counter.FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
         result = fn()
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
@@ -185,11 +192,20 @@ def time_calls(fn: Callable[[], object], device: str, warmup: int, steps: int) -
 
 
 def machine_info(device: str) -> dict:
-    info = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+    info = {
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+    }
     if device == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
-                    gpu_memory_gb=torch.cuda.get_device_properties(0).total_memory / 2**30)
+        info.update(
+            gpu=torch.cuda.get_device_name(),
+            cuda=torch.version.cuda,
+            gpu_memory_gb=torch.cuda.get_device_properties(0).total_memory / 2**30,
+        )
     return info
 
 

@@ -13,6 +13,7 @@ by captions of other images) it trains twice, AMF on and off, at the same budget
 
 Writes ``<out>/noise.md`` and ``<out>/noise.json``; each run's own files go to ``<out>/<row>/``.
 """
+
 from __future__ import annotations
 
 import os

@@ -22,6 +22,7 @@ single-stream = a cross-encoder (``bench/cross_encoder.py``: depth = image depth
 width = the wider tower) run on every one of the 5N^2 pairs. Per-item encode times and the
 per-pair time come from batched samples and are extrapolated linearly; the ranking is measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from measure import (
     PeakMemory,
     compose_config,
@@ -70,7 +70,8 @@ def random_gallery(num_images: int, seed: int = 0) -> tuple[torch.Tensor, torch.
 
 
 def timed_chunks(chunks, num_chunks: int, max_seconds: float, sample: int) -> dict:
-    """Run a chunk iterator to the end, or, when that would exceed ``max_seconds``, ``1 + sample`` chunks and extrapolate."""
+    """Run a chunk iterator to the end, or, when that would exceed ``max_seconds``, ``1 + sample`` chunks and
+    extrapolate."""
     ranks, times = [], []
     last = time.perf_counter()
     for ranks_chunk in chunks:
@@ -99,15 +100,30 @@ def score_chunked(num_images: int, budget_mb: float, max_seconds: float, sample:
     rows_i2t = rows_per_chunk(texts.shape[0], texts.element_size(), budget_mb)
     rows_t2i = rows_per_chunk(images.shape[0], images.element_size(), budget_mb)
     with PeakMemory("cpu") as memory:
-        i2t = timed_chunks(iter_image_to_text_ranks(images, texts, text_to_image, None, budget_mb),
-                           math.ceil(images.shape[0] / rows_i2t), max_seconds / 2, sample)
-        t2i = timed_chunks(iter_text_to_image_ranks(images, texts, text_to_image, None, budget_mb),
-                           math.ceil(texts.shape[0] / rows_t2i), max_seconds / 2, sample)
+        i2t = timed_chunks(
+            iter_image_to_text_ranks(images, texts, text_to_image, None, budget_mb),
+            math.ceil(images.shape[0] / rows_i2t),
+            max_seconds / 2,
+            sample,
+        )
+        t2i = timed_chunks(
+            iter_text_to_image_ranks(images, texts, text_to_image, None, budget_mb),
+            math.ceil(texts.shape[0] / rows_t2i),
+            max_seconds / 2,
+            sample,
+        )
     complete = i2t["chunks_measured"] == i2t["chunks"] and t2i["chunks_measured"] == t2i["chunks"]
-    out = {"seconds": i2t["seconds"] + t2i["seconds"], "i2t_seconds": i2t["seconds"], "t2i_seconds": t2i["seconds"],
-           "rows_i2t": rows_i2t, "rows_t2i": rows_t2i, "extrapolated": not complete,
-           "chunks_i2t": [i2t["chunks_measured"], i2t["chunks"]], "chunks_t2i": [t2i["chunks_measured"], t2i["chunks"]],
-           **memory.as_dict()}
+    out = {
+        "seconds": i2t["seconds"] + t2i["seconds"],
+        "i2t_seconds": i2t["seconds"],
+        "t2i_seconds": t2i["seconds"],
+        "rows_i2t": rows_i2t,
+        "rows_t2i": rows_t2i,
+        "extrapolated": not complete,
+        "chunks_i2t": [i2t["chunks_measured"], i2t["chunks"]],
+        "chunks_t2i": [t2i["chunks_measured"], t2i["chunks"]],
+        **memory.as_dict(),
+    }
     if complete:
         out["rsum"] = recall_table(i2t["ranks"], t2i["ranks"])["rsum"]
     return out
@@ -127,7 +143,9 @@ def score_naive(num_images: int) -> dict:
         del order
         gt_position = position[text_to_image, columns]  # M: rank of each caption under its own image
         del position
-        i2t = torch.full((num_images,), num_texts, dtype=torch.long).scatter_reduce_(0, text_to_image, gt_position, "amin")
+        i2t = torch.full((num_images,), num_texts, dtype=torch.long).scatter_reduce_(
+            0, text_to_image, gt_position, "amin"
+        )
         order = scores.argsort(dim=0, descending=True)  # N x M: images by score, per caption
         position = torch.empty_like(order).scatter_(0, order, torch.arange(num_images)[:, None].expand(-1, num_texts))
         del order
@@ -141,14 +159,25 @@ def score_naive(num_images: int) -> dict:
 
 def run_worker(kind: str, num_images: int, args) -> dict:
     """One measurement in a fresh process (clean allocator, its own peak RSS)."""
-    cmd = [sys.executable, __file__, "--worker", kind, "--sizes", str(num_images),
-           "--memory-budget-mb", str(args.memory_budget_mb), "--max-seconds", str(args.max_seconds),
-           "--sample-chunks", str(args.sample_chunks)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--sizes",
+        str(num_images),
+        "--memory-budget-mb",
+        str(args.memory_budget_mb),
+        "--max-seconds",
+        str(args.max_seconds),
+        "--sample-chunks",
+        str(args.sample_chunks),
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1]}
+        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -159,7 +188,13 @@ def scoring_table(args) -> list[dict]:
         embed_bytes = (n + m) * EMBED_DIM * 4
         available = memory_available_bytes()
         label = f"{n:,} x {m:,}"
-        chunked = {"gallery": label, "images": n, "captions": m, "method": "chunked", "embeddings_mb": embed_bytes / 2**20}
+        chunked = {
+            "gallery": label,
+            "images": n,
+            "captions": m,
+            "method": "chunked",
+            "embeddings_mb": embed_bytes / 2**20,
+        }
         need = embed_bytes + args.memory_budget_mb * 2**20
         if need > 0.9 * available:
             chunked["status"] = f"skipped (needs {need / 1e9:.1f} GB, {available / 1e9:.1f} GB available)"
@@ -172,8 +207,13 @@ def scoring_table(args) -> list[dict]:
                 chunked["chunk_rows"] = f"{chunked['rows_i2t']:,} / {chunked['rows_t2i']:,}"
         print(f"  {label} chunked: {chunked.get('status')}", flush=True)
         rows.append(chunked)
-        naive = {"gallery": label, "images": n, "captions": m, "method": "naive (full matrix + argsort)",
-                 "embeddings_mb": embed_bytes / 2**20}
+        naive = {
+            "gallery": label,
+            "images": n,
+            "captions": m,
+            "method": "naive (full matrix + argsort)",
+            "embeddings_mb": embed_bytes / 2**20,
+        }
         need = n * m * NAIVE_BYTES_PER_SCORE + embed_bytes
         naive["needs_gb"] = need / 1e9
         if need > 0.9 * available:
@@ -190,9 +230,15 @@ def scoring_table(args) -> list[dict]:
 
 
 SCORING_COLUMNS = [
-    ("gallery (images x captions)", "gallery", ""), ("method", "method", ""), ("chunk rows i2t / t2i", "chunk_rows", ""),
-    ("time s", "seconds", ".3g"), ("measured on k of n chunks", "measured_on", ""), ("status", "status", ""),
-    ("peak MB (above embeddings)", "peak_mem_mb", ".0f"), ("embeddings MB", "embeddings_mb", ".0f"), ("rsum", "rsum", ".2f"),
+    ("gallery (images x captions)", "gallery", ""),
+    ("method", "method", ""),
+    ("chunk rows i2t / t2i", "chunk_rows", ""),
+    ("time s", "seconds", ".3g"),
+    ("measured on k of n chunks", "measured_on", ""),
+    ("status", "status", ""),
+    ("peak MB (above embeddings)", "peak_mem_mb", ".0f"),
+    ("embeddings MB", "embeddings_mb", ".0f"),
+    ("rsum", "rsum", ".2f"),
 ]
 
 
@@ -200,9 +246,12 @@ SCORING_COLUMNS = [
 STREAM_OVERRIDES = [
     "experiment=emoji_demo",
     # MiniLM-L6's shape, from scratch (random weights): nothing is loaded.
-    "model.encoder.text_tower.pretrained=null", "model.encoder.text_tower.vocab_size=30522",
-    "model.encoder.text_tower.hidden_size=384", "model.encoder.text_tower.num_layers=6",
-    "model.encoder.text_tower.num_heads=12", "model.encoder.text_tower.intermediate_size=1536",
+    "model.encoder.text_tower.pretrained=null",
+    "model.encoder.text_tower.vocab_size=30522",
+    "model.encoder.text_tower.hidden_size=384",
+    "model.encoder.text_tower.num_layers=6",
+    "model.encoder.text_tower.num_heads=12",
+    "model.encoder.text_tower.intermediate_size=1536",
 ]
 
 
@@ -215,9 +264,8 @@ def seconds_per_item(fn, batches: list, items: int) -> float:
 
 
 def streams_table(args) -> tuple[list[dict], dict]:
-    from hydra.utils import instantiate
-
     from cross_encoder import cross_encoder_like
+    from hydra.utils import instantiate
 
     from cots.metrics.retrieval import retrieval_metrics
 
@@ -245,11 +293,21 @@ def streams_table(args) -> tuple[list[dict], dict]:
         f_img = count_flops(lambda: encoder.encode_image(img_batches[0]))[0] / bs
         f_txt = count_flops(lambda: encoder.encode_text(*txt_batches[0]))[0] / bs
         f_pair = count_flops(lambda: cross(*pair_batches[0]))[0] / bs
-    per_item = {"image_encode_s": t_img, "caption_encode_s": t_txt, "pair_cross_s": t_pair, "image_encode_flops": f_img,
-                "caption_encode_flops": f_txt, "pair_cross_flops": f_pair,
-                "samples": {"images": len(img_batches) * bs, "captions": len(txt_batches) * bs, "pairs": len(pair_batches) * bs},
-                "towers": {"image": dict(cfg.model.encoder.image_tower), "text": dict(cfg.model.encoder.text_tower)},
-                "cross_encoder": cross.describe}
+    per_item = {
+        "image_encode_s": t_img,
+        "caption_encode_s": t_txt,
+        "pair_cross_s": t_pair,
+        "image_encode_flops": f_img,
+        "caption_encode_flops": f_txt,
+        "pair_cross_flops": f_pair,
+        "samples": {
+            "images": len(img_batches) * bs,
+            "captions": len(txt_batches) * bs,
+            "pairs": len(pair_batches) * bs,
+        },
+        "towers": {"image": dict(cfg.model.encoder.image_tower), "text": dict(cfg.model.encoder.text_tower)},
+        "cross_encoder": cross.describe,
+    }
     rows = []
     for n in args.pairs:
         m = CAPTIONS_PER_IMAGE * n
@@ -261,18 +319,34 @@ def streams_table(args) -> tuple[list[dict], dict]:
         two = n * t_img + m * t_txt + rank_s
         single = n * m * t_pair
         two_flops = n * f_img + m * f_txt + 2 * 2 * n * m * EMBED_DIM  # scores both ways
-        rows.append({"N": n, "captions": m, "pairs": n * m, "encode_s": n * t_img + m * t_txt, "rank_s": rank_s,
-                     "two_stream_s": two, "single_stream_s": single, "speedup": single / two,
-                     "flop_speedup": n * m * f_pair / two_flops, "paper": PAPER_SPEEDUP})
+        rows.append(
+            {
+                "N": n,
+                "captions": m,
+                "pairs": n * m,
+                "encode_s": n * t_img + m * t_txt,
+                "rank_s": rank_s,
+                "two_stream_s": two,
+                "single_stream_s": single,
+                "speedup": single / two,
+                "flop_speedup": n * m * f_pair / two_flops,
+                "paper": PAPER_SPEEDUP,
+            }
+        )
         print(f"  N={n}: two-stream {two:.3g} s, single-stream {single:.3g} s, {single / two:,.0f}x", flush=True)
     return rows, per_item
 
 
 STREAM_COLUMNS = [
-    ("N images", "N", ","), ("captions", "captions", ","), ("pairs", "pairs", ",.0f"),
-    ("two-stream encode s", "encode_s", ".3g"), ("ranking s (measured)", "rank_s", ".3g"),
-    ("two-stream total s", "two_stream_s", ".3g"), ("single-stream s (extrapolated)", "single_stream_s", ".3g"),
-    ("speedup", "speedup", ",.0f"), ("FLOP ratio", "flop_speedup", ",.0f"),
+    ("N images", "N", ","),
+    ("captions", "captions", ","),
+    ("pairs", "pairs", ",.0f"),
+    ("two-stream encode s", "encode_s", ".3g"),
+    ("ranking s (measured)", "rank_s", ".3g"),
+    ("two-stream total s", "two_stream_s", ".3g"),
+    ("single-stream s (extrapolated)", "single_stream_s", ".3g"),
+    ("speedup", "speedup", ",.0f"),
+    ("FLOP ratio", "flop_speedup", ",.0f"),
 ]
 
 
@@ -280,12 +354,16 @@ STREAM_COLUMNS = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["scoring", "streams", "both"], default="both")
-    parser.add_argument("--sizes", default=None, help="images per gallery (x5 captions); default 1000,10000,100000,1000000")
+    parser.add_argument(
+        "--sizes", default=None, help="images per gallery (x5 captions); default 1000,10000,100000,1000000"
+    )
     parser.add_argument("--pairs", default=None, help="N for two- vs single-stream; default 100,1000,5000")
     parser.add_argument("--quick", action="store_true", help="1k and 10k galleries, N=100,1000, small samples")
     parser.add_argument("--memory-budget-mb", type=float, default=512.0, help="chunk temporaries (chunk_size=None)")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="longer chunked passes are extrapolated")
-    parser.add_argument("--sample-chunks", type=int, default=3, help="timed chunks (after the first) when extrapolating")
+    parser.add_argument(
+        "--sample-chunks", type=int, default=3, help="timed chunks (after the first) when extrapolating"
+    )
     parser.add_argument("--naive-max-gb", type=float, default=float("inf"), help="skip the naive reference above this")
     parser.add_argument("--samples", default=None, help="images,captions,pairs timed for the stream table")
     parser.add_argument("--encode-batch", type=int, default=64)
@@ -295,7 +373,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", choices=["chunked", "naive"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the stream towers")
     args = parser.parse_args(argv)
-    args.sizes = [int(s) for s in (args.sizes or ("1000,10000" if args.quick else "1000,10000,100000,1000000")).split(",")]
+    args.sizes = [
+        int(s) for s in (args.sizes or ("1000,10000" if args.quick else "1000,10000,100000,1000000")).split(",")
+    ]
     args.pairs = [int(s) for s in (args.pairs or ("100,1000" if args.quick else "100,1000,5000")).split(",")]
     samples = args.samples or ("64,128,64" if args.quick else "512,1024,512")
     args.samples = [int(s) for s in samples.split(",")]
@@ -310,31 +390,45 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        result = score_chunked(args.sizes[0], args.memory_budget_mb, args.max_seconds, args.sample_chunks) \
-            if args.worker == "chunked" else score_naive(args.sizes[0])
+        result = (
+            score_chunked(args.sizes[0], args.memory_budget_mb, args.max_seconds, args.sample_chunks)
+            if args.worker == "chunked"
+            else score_naive(args.sizes[0])
+        )
         print(json.dumps(result))
         return result
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = {"machine": machine_info("cpu"), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    result = {
+        "machine": machine_info("cpu"),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
     text = []
     if args.part in ("scoring", "both"):
         print("Retrieval scoring as the gallery grows", flush=True)
         rows = scoring_table(args)
         result["scoring"] = rows
-        text += [f"Retrieval scoring, D={EMBED_DIM} fp32, budget {args.memory_budget_mb:g} MB per chunk; peak memory: "
-                 f"subprocess RSS high-water mark above the RSS after making the embeddings "
-                 f"({rows[0].get('mem_method', 'rss_hwm')}); time extrapolated beyond {args.max_seconds:g} s",
-                 "", markdown_table(rows, SCORING_COLUMNS), ""]
+        text += [
+            f"Retrieval scoring, D={EMBED_DIM} fp32, budget {args.memory_budget_mb:g} MB per chunk; peak memory: "
+            f"subprocess RSS high-water mark above the RSS after making the embeddings "
+            f"({rows[0].get('mem_method', 'rss_hwm')}); time extrapolated beyond {args.max_seconds:g} s",
+            "",
+            markdown_table(rows, SCORING_COLUMNS),
+            "",
+        ]
     if args.part in ("streams", "both"):
         print("Two-stream against single-stream retrieval", flush=True)
         rows, per_item = streams_table(args)
         result["streams"] = {"rows": rows, "per_item": per_item}
         s = per_item["samples"]
-        text += [f"Two-stream vs single-stream (paper: ~{PAPER_SPEEDUP:,}x); per item: image "
-                 f"{per_item['image_encode_s'] * 1e3:.3g} ms, caption {per_item['caption_encode_s'] * 1e3:.3g} ms, "
-                 f"pair (cross-encoder) {per_item['pair_cross_s'] * 1e3:.3g} ms, measured on {s['images']} images, "
-                 f"{s['captions']} captions, {s['pairs']} pairs; cross-encoder {per_item['cross_encoder']}",
-                 "", markdown_table(rows, STREAM_COLUMNS), ""]
+        text += [
+            f"Two-stream vs single-stream (paper: ~{PAPER_SPEEDUP:,}x); per item: image "
+            f"{per_item['image_encode_s'] * 1e3:.3g} ms, caption {per_item['caption_encode_s'] * 1e3:.3g} ms, "
+            f"pair (cross-encoder) {per_item['pair_cross_s'] * 1e3:.3g} ms, measured on {s['images']} images, "
+            f"{s['captions']} captions, {s['pairs']} pairs; cross-encoder {per_item['cross_encoder']}",
+            "",
+            markdown_table(rows, STREAM_COLUMNS),
+            "",
+        ]
     result["table"] = "\n".join(text)
     print("\n" + result["table"])
     write_json(args.out, result)

@@ -5,6 +5,7 @@ train with ``cots.train.train`` in their own process and read what the trained m
 the pieces they have in common live here so that each script keeps only its rows. Importing
 this module builds nothing and writes nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,13 +63,18 @@ def score_galleries(trainer, module, datamodule, manifests: dict[str, str]) -> d
     scores = {}
     for name, manifest in manifests.items():
         trainer.test(module, dataloaders=datamodule.gallery_loaders(manifest), verbose=False)
-        scores[name] = {"manifest": str(manifest), "images": len(datamodule.entries(manifest)),
-                        "captions": len(datamodule.gallery_captions(manifest)), **module.last_retrieval}
+        scores[name] = {
+            "manifest": str(manifest),
+            "images": len(datamodule.entries(manifest)),
+            "captions": len(datamodule.gallery_captions(manifest)),
+            **module.last_retrieval,
+        }
     return scores
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     """Rows as a markdown table, one column per key (floats with 2 decimals, None as '–')."""
+
     def cell(value) -> str:
         return "–" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 

@@ -11,7 +11,8 @@
 Both steps are built from the composed Hydra config (``hydra.utils.instantiate``) and run in this
 process on the same random batch. The full step is ``cots.training_step.TrainingStep`` (what
 ``COTSLitModule.training_step`` runs) + its optimizer step without Lightning: forward (online + momentum)
--> AMF filter -> masked passes (when CMVM / CMLM are on; cached-style random dVAE tokens) -> ViLEM edits (when on) -> objective
+-> AMF filter -> masked passes (when CMVM / CMLM are on; cached-style random dVAE tokens) -> ViLEM edits
+(when on) -> objective
 (every enabled term) -> enqueue -> backward -> AdamW -> momentum update. The CLIP step encodes both sides with the same
 online towers, takes the symmetric InfoNCE over the batch with the learnable temperature and steps
 AdamW (no momentum encoder, no queue). For each: median seconds per step after the warm-up, pairs/s,
@@ -19,6 +20,7 @@ peak memory (see ``measure.PeakMemory``), FLOPs of one step (``FlopCounterMode``
 its ratio to a large ``torch.mm`` measured in the same run (fp32, or bf16 under autocast), plus the
 issue's overhead ratio ``full_time / (full_flops / clip_flops x clip_time)`` (target <= 1.1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +34,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from measure import (
     PeakMemory,
     autocast,
@@ -47,6 +47,7 @@ from measure import (
     time_calls,
     write_json,
 )
+from torch import nn
 
 
 @dataclass
@@ -59,11 +60,18 @@ class Shape:
 
 
 SHAPES = {
-    "emoji": Shape(["experiment=emoji_demo", "model.queue_size=4096"], batch=128, note="ViT 64px/8 w256 d6 + MiniLM-L6, K=4096"),
+    "emoji": Shape(
+        ["experiment=emoji_demo", "model.queue_size=4096"], batch=128, note="ViT 64px/8 w256 d6 + MiniLM-L6, K=4096"
+    ),
     "large": Shape(
-        ["experiment=emoji_demo", "data.image_size=128", "model.encoder.image_tower.patch_size=16",
-         "model.encoder.image_tower.embed_dim=384", "model.encoder.image_tower.depth=12",
-         "model.encoder.image_tower.num_heads=6"],
+        [
+            "experiment=emoji_demo",
+            "data.image_size=128",
+            "model.encoder.image_tower.patch_size=16",
+            "model.encoder.image_tower.embed_dim=384",
+            "model.encoder.image_tower.depth=12",
+            "model.encoder.image_tower.num_heads=6",
+        ],
         batch=64,
         note="ViT-S-ish 128px/16 w384 d12 + MiniLM-L6, K=4096",
     ),
@@ -169,7 +177,8 @@ def mvlm_fields(cfg, model, objective, batch: Batch) -> dict:
 
 
 def build_full(cfg, batch: Batch, device: str, precision: str) -> Phase:
-    """COTSModel + the training step + AdamW: what ``COTSLitModule`` runs (``cots.training_step``), without Lightning."""
+    """COTSModel + the training step + AdamW: what ``COTSLitModule`` runs (``cots.training_step``), without
+    Lightning."""
     from hydra.utils import instantiate
 
     from cots.training_step import TrainingStep
@@ -184,8 +193,12 @@ def build_full(cfg, batch: Batch, device: str, precision: str) -> Phase:
         training_step.amf.to(device)
     optimizer = make_optimizer(cfg, model)
     momentum = float(cfg.module.momentum)
-    inputs = {"images": batch.images, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-              **mvlm_fields(cfg, model, objective, batch)}
+    inputs = {
+        "images": batch.images,
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        **mvlm_fields(cfg, model, objective, batch),
+    }
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -226,9 +239,13 @@ def build_clip(cfg, batch: Batch, device: str, precision: str) -> Phase:
 
 def tower_details(cfg) -> dict:
     enc = cfg.model.encoder
-    return {"image_size": cfg.data.image_size, "image_tower": dict(enc.image_tower), "text_tower": dict(enc.text_tower),
-            "queue_size": cfg.model.queue_size, "objective": {k: dict(v) for k, v in cfg.objective.items()
-                                                             if k != "_target_" and hasattr(v, "items")}}
+    return {
+        "image_size": cfg.data.image_size,
+        "image_tower": dict(enc.image_tower),
+        "text_tower": dict(enc.text_tower),
+        "queue_size": cfg.model.queue_size,
+        "objective": {k: dict(v) for k, v in cfg.objective.items() if k != "_target_" and hasattr(v, "items")},
+    }
 
 
 def fused_attention(phase: Phase) -> dict:
@@ -236,8 +253,10 @@ def fused_attention(phase: Phase) -> dict:
     module = phase.objects[0]
     encoder = module.encoder
     vit_attn = encoder.image_tower.vit.blocks[0].attn
-    return {"timm_fused_attn": bool(getattr(vit_attn, "fused_attn", False)),
-            "bert_attn_implementation": getattr(encoder.text_tower.bert.config, "_attn_implementation", None)}
+    return {
+        "timm_fused_attn": bool(getattr(vit_attn, "fused_attn", False)),
+        "bert_attn_implementation": getattr(encoder.text_tower.bert.config, "_attn_implementation", None),
+    }
 
 
 def measure_phase(build, cfg, batch: Batch, args, name: str) -> dict:
@@ -246,17 +265,32 @@ def measure_phase(build, cfg, batch: Batch, args, name: str) -> dict:
         phase = build(cfg, batch, args.device, args.precision)
         seconds = time_calls(phase.step, args.device, args.warmup, args.steps)
     flops, by_op, loss = count_flops(phase.step)
-    row = {"step": phase.name, "median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
-           "seconds": seconds, "flops": flops, "flops_by_op": by_op, "trainable_params": phase.trainable,
-           "loss": float(loss), **memory.as_dict(), **fused_attention(phase)}
+    row = {
+        "step": phase.name,
+        "median_s": statistics.median(seconds),
+        "min_s": min(seconds),
+        "max_s": max(seconds),
+        "seconds": seconds,
+        "flops": flops,
+        "flops_by_op": by_op,
+        "trainable_params": phase.trainable,
+        "loss": float(loss),
+        **memory.as_dict(),
+        **fused_attention(phase),
+    }
     optimizer = phase.objects[-1]
-    row["optimizer"] = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (bool, float, int, tuple, type(None)))}
+    row["optimizer"] = {
+        k: v for k, v in optimizer.defaults.items() if isinstance(v, (bool, float, int, tuple, type(None)))
+    }
     del phase, optimizer
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    print(f"  {name} {row['step']}: {row['median_s'] * 1e3:.1f} ms/step, {si(flops, 'FLOP')}/step, "
-          f"peak +{row['peak_mem_mb']:.0f} MB", flush=True)
+    print(
+        f"  {name} {row['step']}: {row['median_s'] * 1e3:.1f} ms/step, {si(flops, 'FLOP')}/step, "
+        f"peak +{row['peak_mem_mb']:.0f} MB",
+        flush=True,
+    )
     return row
 
 
@@ -272,8 +306,11 @@ def run_shape(name: str, args) -> list[dict]:
     text_len = min(args.text_len, int(cfg.data.text_tokenizer.max_length))
     vocab = _vocab_size(cfg)
     batch = random_batch(batch_size, int(cfg.data.image_size), text_len, vocab, args.device)
-    print(f"[{name}] batch {batch_size}, {cfg.data.image_size}px, {text_len} tokens, K={cfg.model.queue_size}: "
-          f"{shape.note}", flush=True)
+    print(
+        f"[{name}] batch {batch_size}, {cfg.data.image_size}px, {text_len} tokens, K={cfg.model.queue_size}: "
+        f"{shape.note}",
+        flush=True,
+    )
     rows = []
     for build in (build_full, build_clip):
         row = measure_phase(build, cfg, batch, args, name)
@@ -308,8 +345,18 @@ def _vocab_size(cfg) -> int:
 
 
 # Dense bf16 tensor-core peaks from the data sheets (FLOP/s), for a second MFU next to the measured one.
-NOMINAL_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
-                     "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+NOMINAL_BF16_PEAK = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+}
 
 
 def nominal_peak(device: str, precision: str) -> float | None:
@@ -320,7 +367,8 @@ def nominal_peak(device: str, precision: str) -> float | None:
 
 
 def add_rates(rows: list[dict], matmul_flops_per_s: float, nominal: float | None = None) -> dict[str, float]:
-    """pairs/s, achieved FLOP/s, its share of the matmul rate (and of the data-sheet peak); the overhead ratio per shape."""
+    """pairs/s, achieved FLOP/s, its share of the matmul rate (and of the data-sheet peak); the overhead ratio per
+    shape."""
     for row in rows:
         row["pairs_per_s"] = row["batch"] / row["median_s"]
         row["achieved_flops_per_s"] = row["flops"] / row["median_s"]
@@ -338,18 +386,35 @@ def add_rates(rows: list[dict], matmul_flops_per_s: float, nominal: float | None
 
 
 COLUMNS = [
-    ("shape", "shape", ""), ("step", "step", ""), ("batch", "batch", "d"), ("ms/step (median)", "ms", ".1f"),
-    ("pairs/s", "pairs_per_s", ".1f"), ("GFLOP/step", "gflop", ".1f"), ("FLOPs vs CLIP", "flops_vs_clip", ".2f"),
-    ("achieved GFLOP/s", "gflops", ".1f"), ("of matmul", "pct_matmul", ""), ("peak mem MB", "peak_mem_mb", ".0f"),
+    ("shape", "shape", ""),
+    ("step", "step", ""),
+    ("batch", "batch", "d"),
+    ("ms/step (median)", "ms", ".1f"),
+    ("pairs/s", "pairs_per_s", ".1f"),
+    ("GFLOP/step", "gflop", ".1f"),
+    ("FLOPs vs CLIP", "flops_vs_clip", ".2f"),
+    ("achieved GFLOP/s", "gflops", ".1f"),
+    ("of matmul", "pct_matmul", ""),
+    ("peak mem MB", "peak_mem_mb", ".0f"),
     ("overhead ratio", "overhead_ratio", ".2f"),
 ]
 
 
 def print_table(rows: list[dict], matmul: dict, ratios: dict[str, float], args) -> str:
-    view = [{**r, "ms": r["median_s"] * 1e3, "gflop": r["flops"] / 1e9, "gflops": r["achieved_flops_per_s"] / 1e9,
-             "pct_matmul": f"{100 * r['of_matmul']:.1f}%",
-             "pct_nominal": f"{100 * r['of_nominal_peak']:.1f}%" if "of_nominal_peak" in r else None} for r in rows]
-    columns = COLUMNS + ([("of bf16 data-sheet peak", "pct_nominal", "")] if any("of_nominal_peak" in r for r in rows) else [])
+    view = [
+        {
+            **r,
+            "ms": r["median_s"] * 1e3,
+            "gflop": r["flops"] / 1e9,
+            "gflops": r["achieved_flops_per_s"] / 1e9,
+            "pct_matmul": f"{100 * r['of_matmul']:.1f}%",
+            "pct_nominal": f"{100 * r['of_nominal_peak']:.1f}%" if "of_nominal_peak" in r else None,
+        }
+        for r in rows
+    ]
+    columns = COLUMNS + (
+        [("of bf16 data-sheet peak", "pct_nominal", "")] if any("of_nominal_peak" in r for r in rows) else []
+    )
     method = rows[0]["mem_method"] if rows else ""
     rate = matmul["used_flops_per_s"]
     lines = [
@@ -362,7 +427,9 @@ def print_table(rows: list[dict], matmul: dict, ratios: dict[str, float], args) 
     ]
     for shape, ratio in ratios.items():
         verdict = "meets" if ratio <= 1.1 else "misses"
-        lines.append(f"{shape}: full_time / (full_flops/clip_flops x clip_time) = {ratio:.2f} ({verdict} the <= 1.1 target)")
+        lines.append(
+            f"{shape}: full_time / (full_flops/clip_flops x clip_time) = {ratio:.2f} ({verdict} the <= 1.1 target)"
+        )
     text = "\n".join(lines)
     print("\n" + text)
     return text
@@ -377,7 +444,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shapes", default="emoji,large", help=f"comma-separated, of {sorted(SHAPES)}")
     parser.add_argument("--batch", type=int, default=None, help="override the shape's batch")
     parser.add_argument("--text-len", type=int, default=16, help="tokens of the longest caption (the padded length)")
-    parser.add_argument("--matmul-n", type=int, default=None, help="size of the reference torch.mm (2048 CPU, 8192 CUDA)")
+    parser.add_argument(
+        "--matmul-n", type=int, default=None, help="size of the reference torch.mm (2048 CPU, 8192 CUDA)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--dry-run", action="store_true", help=f"depth-1 towers, batch {DRY_RUN_BATCH}: a quick check")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
@@ -420,8 +489,14 @@ def main(argv: list[str] | None = None) -> dict:
     matmul["nominal_bf16_peak"] = nominal_peak(args.device, args.precision)
     ratios = add_rates(rows, matmul["used_flops_per_s"], matmul["nominal_bf16_peak"])
     table = print_table(rows, matmul, ratios, args)
-    result = {"machine": machine_info(args.device), "args": {k: (str(v) if isinstance(v, Path) else v)
-              for k, v in vars(args).items()}, "matmul": matmul, "overhead_ratio": ratios, "rows": rows, "table": table}
+    result = {
+        "machine": machine_info(args.device),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "matmul": matmul,
+        "overhead_ratio": ratios,
+        "rows": rows,
+        "table": table,
+    }
     write_json(args.out, result)
     return result
 

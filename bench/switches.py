@@ -14,6 +14,7 @@ parameters (``_foreach`` against a per-tensor loop) and one ``optimizer.step`` (
 ``foreach``, ``fused``), on the same parameters. The token cache against the online dVAE is
 ``bench/step_speed.py`` with ``data=emoji_tokens objective=mvlm data.image_tokens.source=cache|online``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,12 @@ VARIANTS: list[tuple[str, list[str], Callable | None, Callable | None]] = [
     ("AdamW foreach (torch's default)", ["optim.optimizer.fused=null"], None, None),
     ("AdamW per-tensor loop", ["optim.optimizer.fused=null", "+optim.optimizer.foreach=false"], None, None),
     ("AdamW fused", ["optim.optimizer.fused=true"], None, None),
-    ("activation checkpointing, both towers",
-     ["model.encoder.image_tower.grad_checkpointing=true", "model.encoder.text_tower.grad_checkpointing=true"], None, None),
+    (
+        "activation checkpointing, both towers",
+        ["model.encoder.image_tower.grad_checkpointing=true", "model.encoder.text_tower.grad_checkpointing=true"],
+        None,
+        None,
+    ),
 ]
 COMPILED = ("towers under torch.compile", ["module.compile={}"], None, None)
 BASELINE_AGAIN = ("as configured, measured again last", [], None, None)
@@ -85,13 +90,18 @@ def measure_variant(name, overrides, change, context, base_overrides, args) -> d
     cfg = compose_config(base_overrides + overrides)
     fill_from_tokenizer(cfg)
     batch = random_batch(args.batch_size, int(cfg.data.image_size), args.text_len, _vocab_size(cfg), args.device)
-    with PeakMemory(args.device) as memory, (context() if context else nullcontext()):
+    with PeakMemory(args.device) as memory, context() if context else nullcontext():
         phase = build_full(cfg, batch, args.device, args.precision)
         if change is not None:
             change(phase.objects[0])
         seconds = time_calls(phase.step, args.device, args.warmup, args.steps)
-    row = {"variant": name, "overrides": overrides, "median_s": statistics.median(seconds), "seconds": seconds,
-           **memory.as_dict()}
+    row = {
+        "variant": name,
+        "overrides": overrides,
+        "median_s": statistics.median(seconds),
+        "seconds": seconds,
+        **memory.as_dict(),
+    }
     print(f"  {name}: {row['median_s'] * 1e3:.1f} ms/step, peak +{row['peak_mem_mb']:.0f} MB", flush=True)
     del phase
     release_freed_memory()
@@ -116,14 +126,24 @@ def micro_rows(base_overrides: list[str], args) -> list[dict]:
 
     def add(name: str, fn: Callable[[], object]) -> None:
         seconds = time_calls(fn, args.device, 3, args.micro_steps)
-        rows.append({"variant": name, "median_s": statistics.median(seconds), "seconds": seconds, "tensors": len(params),
-                     "params": numel})
+        rows.append(
+            {
+                "variant": name,
+                "median_s": statistics.median(seconds),
+                "seconds": seconds,
+                "tensors": len(params),
+                "params": numel,
+            }
+        )
         print(f"  {name}: {rows[-1]['median_s'] * 1e3:.2f} ms", flush=True)
 
     add("EMA update, _foreach (cots.momentum)", lambda: ema_update_(targets, sources, 0.995))
     add("EMA update, per-tensor loop", lambda: ema_loop_(targets, sources, 0.995))
-    for label, options in (("per-tensor loop", {"foreach": False}), ("foreach (torch's default)", {"foreach": True}),
-                           ("fused", {"fused": True})):
+    for label, options in (
+        ("per-tensor loop", {"foreach": False}),
+        ("foreach (torch's default)", {"foreach": True}),
+        ("fused", {"fused": True}),
+    ):
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02, **options)
         add(f"AdamW step, {label}", optimizer.step)
         del optimizer
@@ -140,8 +160,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--micro-steps", type=int, default=20)
-    parser.add_argument("--compile", action="store_true", help="add a row with module.compile={} (compiles for minutes)")
-    parser.add_argument("--dry-run", action="store_true", help="depth-1 towers, batch 4, 1 + 2 steps: checks the script")
+    parser.add_argument(
+        "--compile", action="store_true", help="add a row with module.compile={} (compiles for minutes)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="depth-1 towers, batch 4, 1 + 2 steps: checks the script"
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every row")
     args = parser.parse_intermixed_args(argv)
@@ -154,8 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch_size, args.warmup, args.steps, args.micro_steps = DRY_RUN_BATCH, 1, 2, 2
     if args.batch_size is None:
         args.batch_size = SHAPES[args.shape].batch or int(compose_config(base).data.batch_size)
-    print(f"[{args.shape}] batch {args.batch_size}, {args.text_len} tokens, {args.precision} on {args.device}; "
-          f"{args.warmup} warm-up + {args.steps} timed steps per row", flush=True)
+    print(
+        f"[{args.shape}] batch {args.batch_size}, {args.text_len} tokens, {args.precision} on {args.device}; "
+        f"{args.warmup} warm-up + {args.steps} timed steps per row",
+        flush=True,
+    )
 
     variants = VARIANTS + ([COMPILED] if args.compile else []) + [BASELINE_AGAIN]
     rows = [measure_variant(*variant, base, args) for variant in variants]
@@ -165,14 +192,31 @@ def main(argv: list[str] | None = None) -> dict:
     micro = micro_rows(base, args)
 
     view = [{**r, "ms": r["median_s"] * 1e3} for r in rows]
-    table = markdown_table(view, [("full step", "variant", ""), ("ms/step (median)", "ms", ".1f"),
-                                  ("vs as configured", "vs_configured", ".3f"), ("peak mem MB", "peak_mem_mb", ".0f")])
-    micro_table = markdown_table([{**r, "ms": r["median_s"] * 1e3} for r in micro],
-                                 [("piece", "variant", ""), ("ms (median)", "ms", ".2f"), ("tensors", "tensors", "d")])
-    print(f"\n{table}\n\n{micro_table}\n(micro rows: {micro[0]['params'] / 1e6:.1f} M trainable parameters, "
-          f"median of {args.micro_steps} calls)")
-    result = {"machine": machine_info(args.device), "args": vars(args), "rows": rows, "micro": micro,
-              "table": table, "micro_table": micro_table}
+    table = markdown_table(
+        view,
+        [
+            ("full step", "variant", ""),
+            ("ms/step (median)", "ms", ".1f"),
+            ("vs as configured", "vs_configured", ".3f"),
+            ("peak mem MB", "peak_mem_mb", ".0f"),
+        ],
+    )
+    micro_table = markdown_table(
+        [{**r, "ms": r["median_s"] * 1e3} for r in micro],
+        [("piece", "variant", ""), ("ms (median)", "ms", ".2f"), ("tensors", "tensors", "d")],
+    )
+    print(
+        f"\n{table}\n\n{micro_table}\n(micro rows: {micro[0]['params'] / 1e6:.1f} M trainable parameters, "
+        f"median of {args.micro_steps} calls)"
+    )
+    result = {
+        "machine": machine_info(args.device),
+        "args": vars(args),
+        "rows": rows,
+        "micro": micro,
+        "table": table,
+        "micro_table": micro_table,
+    }
     write_json(args.out, result)
     if args.out is not None:
         header = f"# Speed switches: {args.shape} shape, batch {args.batch_size}, {args.precision} on {args.device}"

@@ -5,6 +5,7 @@ pairs. Once it is full, a Gaussian is fitted to it and pair i stays a positive o
 ``s_i >= mu - k * sigma``. Everything here runs on the device without host syncs: the
 "is the queue full yet" branch is a ``torch.where``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,9 +66,12 @@ def amf_filter(
 
 
 def noise_confusion(keep: torch.Tensor, is_noisy: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """Counts [filtered & noisy, filtered & clean, kept & noisy, kept & clean] of one step, zeros while inactive: (4,)."""
+    """Counts [filtered & noisy, filtered & clean, kept & noisy, kept & clean] of one step: (4,), zeros while
+    inactive."""
     filtered, noisy = ~keep, is_noisy.bool()
-    counts = torch.stack([(filtered & noisy).sum(), (filtered & ~noisy).sum(), (keep & noisy).sum(), (keep & ~noisy).sum()])
+    counts = torch.stack(
+        [(filtered & noisy).sum(), (filtered & ~noisy).sum(), (keep & noisy).sum(), (keep & ~noisy).sum()]
+    )
     return counts.float() * active.float()
 
 

@@ -1,4 +1,5 @@
 """The picture of the Adaptive Momentum Filter: histogram of Q^s, fitted Gaussian, threshold."""
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,9 @@ def similarity_histogram(values: torch.Tensor, k: float, title: str = "") -> Fig
         pdf = torch.exp(-0.5 * ((xs - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
         ax.plot(xs.numpy(), pdf.numpy(), color="#1f4e79", label=f"N(mu={mean:.3f}, sigma={std:.3f})")
     below = float((values < threshold).float().mean()) if len(values) else 0.0
-    ax.axvline(threshold, color="#c0392b", linestyle="--", label=f"mu - {k:g} sigma = {threshold:.3f} ({below:.1%} below)")
+    ax.axvline(
+        threshold, color="#c0392b", linestyle="--", label=f"mu - {k:g} sigma = {threshold:.3f} ({below:.1%} below)"
+    )
     ax.set_xlabel("momentum similarity of positive pairs  s = zhat_v . zhat_t")
     ax.set_ylabel("density")
     ax.set_title(title)
@@ -74,7 +77,9 @@ class AMFHistogram(L.Callback):
         if len(values) == 0:
             return None
         queue = amf.similarity_queue
-        fig = similarity_histogram(values, amf.k, f"AMF similarity queue, step {step} ({int(queue.filled)}/{queue.size})")
+        fig = similarity_histogram(
+            values, amf.k, f"AMF similarity queue, step {step} ({int(queue.filled)}/{queue.size})"
+        )
         path = Path(trainer.default_root_dir) / "amf" / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)

@@ -1,4 +1,5 @@
 """Callbacks that belong to every run: throughput measurement and crash-recovery checkpoints."""
+
 from __future__ import annotations
 
 import statistics
@@ -59,8 +60,9 @@ class RecoveryCheckpoint(L.Callback):
         filename: the file's stem.
     """
 
-    def __init__(self, dirpath: str, every_n_steps: int | None = None, every_minutes: float | None = None,
-                 filename: str = "last") -> None:
+    def __init__(
+        self, dirpath: str, every_n_steps: int | None = None, every_minutes: float | None = None, filename: str = "last"
+    ) -> None:
         for name, value in (("every_n_steps", every_n_steps), ("every_minutes", every_minutes)):
             if value is not None and not value > 0:
                 raise ValueError(f"callbacks.recovery_checkpoint.{name} must be positive or null, got {value!r}")

@@ -1,4 +1,5 @@
 """Reading checkpoints safely: no unpickling of arbitrary objects, clear errors for bad files."""
+
 from __future__ import annotations
 
 import random
@@ -37,7 +38,7 @@ def upgrade_state_dict(state_dict: dict) -> dict:
     """Rename, in place, the keys of an older checkpoint's state dict to today's (and return it)."""
     for old, new in RENAMED_STATE_PREFIXES.items():
         for key in [k for k in state_dict if k.startswith(old)]:
-            state_dict[new + key[len(old):]] = state_dict.pop(key)
+            state_dict[new + key[len(old) :]] = state_dict.pop(key)
     return state_dict
 
 
@@ -74,8 +75,11 @@ def restore_rank_rng_state(saved: list[dict] | dict) -> None:
     rank, world = distributed.rank(), distributed.world_size()
     restore_rng_state(states[rank % len(states)])
     if len(states) != world:
-        warnings.warn(f"the checkpoint holds random states of {len(states)} rank(s) but {world} are running: "
-                      "dropout and masking streams restart and the run is not an exact continuation", stacklevel=2)
+        warnings.warn(
+            f"the checkpoint holds random states of {len(states)} rank(s) but {world} are running: "
+            "dropout and masking streams restart and the run is not an exact continuation",
+            stacklevel=2,
+        )
         if rank >= len(states):
             torch.manual_seed(torch.initial_seed() + rank)
 
@@ -85,7 +89,13 @@ def capture_rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():

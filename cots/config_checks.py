@@ -1,4 +1,5 @@
 """Start-up validation: a config that cannot work fails before any training, naming the key."""
+
 from __future__ import annotations
 
 from omegaconf import DictConfig
@@ -32,7 +33,9 @@ def check_config(cfg: DictConfig) -> None:
     patch = tower.get("patch_size") or _default_patch_size(tower.name)
     image_size = cfg.data.image_size
     if patch and image_size % patch != 0:
-        raise ConfigError(f"data.image_size={image_size} is not a multiple of model.encoder.image_tower.patch_size={patch}")
+        raise ConfigError(
+            f"data.image_size={image_size} is not a multiple of model.encoder.image_tower.patch_size={patch}"
+        )
     world = world_size_of(cfg.trainer)
     check_queue(cfg.model.queue_size, cfg.data.batch_size, world or 1)
     for key in ("batch_size", "image_size"):
@@ -48,8 +51,10 @@ def check_fused_optimizer(cfg: DictConfig) -> None:
     fused = cfg.optim.optimizer.get("fused")
     fp16 = str(cfg.trainer.get("precision")) in ("16", "16-mixed")
     if fused and fp16 and cfg.trainer.get("gradient_clip_val"):
-        raise ConfigError("optim.optimizer.fused=true cannot be combined with trainer.precision=16-mixed and "
-                          "trainer.gradient_clip_val: use bf16-mixed, optim.optimizer.fused=null, or gradient_clip_val=null")
+        raise ConfigError(
+            "optim.optimizer.fused=true cannot be combined with trainer.precision=16-mixed and "
+            "trainer.gradient_clip_val: use bf16-mixed, optim.optimizer.fused=null, or gradient_clip_val=null"
+        )
 
 
 def check_vilem(cfg: DictConfig) -> None:
@@ -58,11 +63,15 @@ def check_vilem(cfg: DictConfig) -> None:
         return
     vilem = cfg.objective.vilem
     if not cfg.model.get("vilem_head"):
-        raise ConfigError("objective.vilem.enabled=true needs model.vilem_head=true (its default follows the objective)")
+        raise ConfigError(
+            "objective.vilem.enabled=true needs model.vilem_head=true (its default follows the objective)"
+        )
     generator = vilem.get("generator", "cmlm")
     if generator == "cmlm" and not _enabled(cfg, "cmlm"):
-        raise ConfigError("objective.vilem.generator=cmlm draws errors from the CMLM head: set objective.cmlm.enabled=true "
-                          "(and data.text_mask), or objective.vilem.generator=<local masked-LM directory>")
+        raise ConfigError(
+            "objective.vilem.generator=cmlm draws errors from the CMLM head: set objective.cmlm.enabled=true "
+            "(and data.text_mask), or objective.vilem.generator=<local masked-LM directory>"
+        )
     if generator != "cmlm":
         from cots.local_paths import resolve_local_dir
 
@@ -71,7 +80,9 @@ def check_vilem(cfg: DictConfig) -> None:
         except FileNotFoundError as err:
             raise ConfigError(f"objective.vilem.generator: {err}") from err
         if not (directory / "config.json").is_file():
-            raise ConfigError(f"objective.vilem.generator: no config.json in {directory} (a Hugging Face masked-LM dir)")
+            raise ConfigError(
+                f"objective.vilem.generator: no config.json in {directory} (a Hugging Face masked-LM dir)"
+            )
     if not 0 < float(vilem.get("ratio", 0.15)) <= 1:
         raise ConfigError(f"objective.vilem.ratio must be in (0, 1], got {vilem.get('ratio')}")
     if int(vilem.get("top_k", 10)) < 1:
@@ -88,20 +99,34 @@ def check_token_level(cfg: DictConfig, patch: int | None) -> None:
     tokens, text_mask = cfg.data.get("image_tokens"), cfg.data.get("text_mask")
     cmvm, cmlm = _enabled(cfg, "cmvm"), _enabled(cfg, "cmlm")
     if cmvm and tokens is None:
-        raise ConfigError("objective.cmvm.enabled=true needs dVAE targets: set data.image_tokens "
-                          "(e.g. {source: online, dvae_input_size: ..., weights: ..., vocab_size: ..., block_mask: ...}) "
-                          "or objective.cmvm.enabled=false")
+        raise ConfigError(
+            "objective.cmvm.enabled=true needs dVAE targets: set data.image_tokens "
+            "(e.g. {source: online, dvae_input_size: ..., weights: ..., vocab_size: ..., block_mask: ...}) "
+            "or objective.cmvm.enabled=false"
+        )
     if cmlm and text_mask is None:
-        raise ConfigError("objective.cmlm.enabled=true needs masked captions: set data.text_mask "
-                          "(e.g. {mask_prob: 0.15, replace_prob: 0.8, random_prob: 0.1}) or objective.cmlm.enabled=false")
+        raise ConfigError(
+            "objective.cmlm.enabled=true needs masked captions: set data.text_mask "
+            "(e.g. {mask_prob: 0.15, replace_prob: 0.8, random_prob: 0.1}) or objective.cmlm.enabled=false"
+        )
     for term, on in (("cmvm", cmvm), ("cmlm", cmlm)):
         if on and not cfg.model.get(f"{term}_head"):
-            raise ConfigError(f"objective.{term}.enabled=true needs model.{term}_head=true (its default follows the objective)")
+            raise ConfigError(
+                f"objective.{term}.enabled=true needs model.{term}_head=true (its default follows the objective)"
+            )
     if text_mask is not None:
-        probs = {k: float(text_mask.get(k, d)) for k, d in (("mask_prob", 0.15), ("replace_prob", 0.8), ("random_prob", 0.1))}
-        if not (0 < probs["mask_prob"] <= 1 and probs["replace_prob"] >= 0 and probs["random_prob"] >= 0
-                and probs["replace_prob"] + probs["random_prob"] <= 1):
-            raise ConfigError(f"data.text_mask: need 0 < mask_prob <= 1 and replace_prob + random_prob <= 1, got {probs}")
+        probs = {
+            k: float(text_mask.get(k, d)) for k, d in (("mask_prob", 0.15), ("replace_prob", 0.8), ("random_prob", 0.1))
+        }
+        if not (
+            0 < probs["mask_prob"] <= 1
+            and probs["replace_prob"] >= 0
+            and probs["random_prob"] >= 0
+            and probs["replace_prob"] + probs["random_prob"] <= 1
+        ):
+            raise ConfigError(
+                f"data.text_mask: need 0 < mask_prob <= 1 and replace_prob + random_prob <= 1, got {probs}"
+            )
     if tokens is not None:
         _check_image_tokens(cfg, tokens, patch, cmvm)
 
@@ -116,7 +141,9 @@ def _check_image_tokens(cfg: DictConfig, tokens: DictConfig, patch: int | None, 
         raise ConfigError(f"data.image_tokens.source must be 'cache' or 'online', got {source!r}")
     size = tokens.get("dvae_input_size")
     if not isinstance(size, int) or size <= 0:
-        raise ConfigError(f"data.image_tokens.dvae_input_size must be a positive int (the ViT patch grid x 8), got {size!r}")
+        raise ConfigError(
+            f"data.image_tokens.dvae_input_size must be a positive int (the ViT patch grid x 8), got {size!r}"
+        )
     if patch:
         try:
             grid = check_grid(cfg.data.image_size, patch, size)
@@ -139,7 +166,9 @@ def _check_image_tokens(cfg: DictConfig, tokens: DictConfig, patch: int | None, 
         raise ConfigError("objective.cmvm.enabled=true needs data.image_tokens.block_mask (which patches to mask)")
     vocab = tokens.get("vocab_size")
     if not isinstance(vocab, int) or vocab < 2:
-        raise ConfigError(f"objective.cmvm.enabled=true needs data.image_tokens.vocab_size (the dVAE's codes), got {vocab!r}")
+        raise ConfigError(
+            f"objective.cmvm.enabled=true needs data.image_tokens.vocab_size (the dVAE's codes), got {vocab!r}"
+        )
     if not cfg.model.encoder.image_tower.get("mask_embedding"):
         raise ConfigError("objective.cmvm.enabled=true needs model.encoder.image_tower.mask_embedding=true")
 

@@ -5,6 +5,7 @@ Silenced: Lightning's advertisement for its cloud logger, its warning that modul
 module), and PyTorch's deprecation notice about ``LeafSpec`` raised inside Lightning. The MiniLM
 pooler's load report is handled where the tower is loaded (``cots.models.text_tower``).
 """
+
 from __future__ import annotations
 
 import logging

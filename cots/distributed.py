@@ -3,6 +3,7 @@
 With a single process (or no process group) every collective is the identity,
 so losses, queues and tests run without any setup.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Pure tensor functions, and :class:`CaptionEditor`, which applies them to a batch
 configured generator (the model's own CMLM head, or :class:`MaskedLMGenerator`, a local Hugging
 Face masked LM). The training step and validation's detection scores both edit through it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -31,8 +32,13 @@ class EditedCaptions:
 
 
 def choose_error_positions(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_id: int, special_ids: Iterable[int],
-    vocab_size: int, ratio: float, generator: torch.Generator | None = None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask_id: int,
+    special_ids: Iterable[int],
+    vocab_size: int,
+    ratio: float,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions to edit: about ``ratio`` of each caption's real, non-special tokens (at least one).
 
@@ -40,12 +46,24 @@ def choose_error_positions(
         generator_input: (B, L) the caption with [MASK] at the chosen positions (what the masked LM reads);
         originals: (B, L) the original id at chosen positions, IGNORE_INDEX elsewhere.
     """
-    return mask_text_tokens(input_ids, attention_mask, mask_id, special_ids, vocab_size, generator,
-                            mask_prob=ratio, replace_prob=1.0, random_prob=0.0)
+    return mask_text_tokens(
+        input_ids,
+        attention_mask,
+        mask_id,
+        special_ids,
+        vocab_size,
+        generator,
+        mask_prob=ratio,
+        replace_prob=1.0,
+        random_prob=0.0,
+    )
 
 
 def sample_replacements(
-    logits: torch.Tensor, originals: torch.Tensor, top_k: int, forbidden_ids: Iterable[int],
+    logits: torch.Tensor,
+    originals: torch.Tensor,
+    top_k: int,
+    forbidden_ids: Iterable[int],
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One replacement per position, drawn from the softmax over the generator's top-k ids.
@@ -72,13 +90,17 @@ def sample_replacements(
     scores.scatter_(1, originals[:, None], float("-inf"))
     values, candidates = scores.topk(min(top_k, scores.shape[1]), dim=1)  # M x k
     probs = values.softmax(dim=1)  # -inf candidates (fewer allowed ids than k) get probability 0
-    pick = torch.multinomial(probs.to(generator.device if generator is not None else probs.device), 1,
-                             generator=generator).to(candidates.device)  # M x 1
+    pick = torch.multinomial(
+        probs.to(generator.device if generator is not None else probs.device), 1, generator=generator
+    ).to(candidates.device)  # M x 1
     return candidates.gather(1, pick).squeeze(1)
 
 
 def apply_errors(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, originals: torch.Tensor, replacements: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    originals: torch.Tensor,
+    replacements: torch.Tensor,
     special_ids: Iterable[int],
 ) -> EditedCaptions:
     """Write the replacements into the captions and build the detection / correction labels.
@@ -115,8 +137,10 @@ class MaskedLMGenerator:
             raise FileNotFoundError(f"objective.vilem.generator: no config.json in {directory}")
         self.model = AutoModelForMaskedLM.from_pretrained(str(directory)).eval().requires_grad_(False)
         if self.model.config.vocab_size != vocab_size:
-            raise ValueError(f"objective.vilem.generator {path} has a vocabulary of {self.model.config.vocab_size} "
-                             f"ids but the caption tokenizer has {vocab_size}: they must be the same tokenizer")
+            raise ValueError(
+                f"objective.vilem.generator {path} has a vocabulary of {self.model.config.vocab_size} "
+                f"ids but the caption tokenizer has {vocab_size}: they must be the same tokenizer"
+            )
 
     @torch.no_grad()
     def __call__(self, masked_ids: torch.Tensor, attention_mask: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -138,15 +162,22 @@ class CaptionEditor:
         mask_id, special_ids, vocab_size: from the caption tokenizer.
     """
 
-    def __init__(self, ratio: float, top_k: int, generator: str, mask_id: int, special_ids: Sequence[int],
-                 vocab_size: int) -> None:
+    def __init__(
+        self, ratio: float, top_k: int, generator: str, mask_id: int, special_ids: Sequence[int], vocab_size: int
+    ) -> None:
         self.ratio, self.top_k, self.generator = ratio, top_k, generator
         self.mask_id, self.vocab_size = mask_id, vocab_size
         self.forbidden = sorted(set(int(i) for i in special_ids) | {mask_id})  # never chosen, never drawn
         self._masked_lm: MaskedLMGenerator | None = None  # a plain attribute: frozen, not checkpointed
 
-    def __call__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_global: torch.Tensor,
-                 generator: torch.Generator | None = None) -> EditedCaptions:
+    def __call__(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_global: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> EditedCaptions:
         """The edited captions and their labels.
 
         Args:
@@ -155,8 +186,9 @@ class CaptionEditor:
             image_global: (B, W_v) the paired images' [CLS] (the CMLM head's fusion input).
             generator: torch Generator for reproducible edits (validation); None = the global RNG.
         """
-        masked_ids, originals = choose_error_positions(input_ids, attention_mask, self.mask_id, self.forbidden,
-                                                       self.vocab_size, self.ratio, generator)
+        masked_ids, originals = choose_error_positions(
+            input_ids, attention_mask, self.mask_id, self.forbidden, self.vocab_size, self.ratio, generator
+        )
         chosen = originals != IGNORE_INDEX  # B x L
         if self.generator == "cmlm":
             logits = model.cmlm_generator_logits(masked_ids, attention_mask, image_global.detach(), chosen)

@@ -1,4 +1,5 @@
 """`cots-eval ckpt_path=<ckpt> [data=...] [split=test]`: retrieval table of a checkpoint."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +13,6 @@ from cots.checkpoints import read_checkpoint, upgrade_run_config, upgrade_state_
 from cots.console import quiet_expected_messages
 from cots.report import write_report
 from cots.train import CONF_DIR, build_module, report_retrieval
-
 
 # Data keys the towers were built for: a data=<option> cannot change them.
 MODEL_BOUND_DATA_KEYS = ("image_size", "text_tokenizer")
@@ -52,9 +52,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     report_retrieval(module.last_retrieval, datamodule, split, output_dir)
     if cfg.get("report"):  # the training curves come from the checkpoint's own run folder
         metrics_csv = Path(cfg.ckpt_path).resolve().parent.parent / "csv" / "metrics.csv"
-        png = write_report(module.model.encoder, datamodule.gallery_loaders(split),
-                           datamodule.gallery_captions(split).captions, metrics_csv, output_dir / "report.png",
-                           title=f"{run_cfg.task_name}: {split}")
+        png = write_report(
+            module.model.encoder,
+            datamodule.gallery_loaders(split),
+            datamodule.gallery_captions(split).captions,
+            metrics_csv,
+            output_dir / "report.png",
+            title=f"{run_cfg.task_name}: {split}",
+        )
         print(f"wrote {png}")
     return module.last_retrieval
 

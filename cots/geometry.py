@@ -2,6 +2,7 @@
 
 The 8 is the dVAE's downsampling, ``cots_dvae.arch.DOWNSAMPLE``.
 """
+
 from __future__ import annotations
 
 from cots_dvae.arch import DOWNSAMPLE

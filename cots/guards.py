@@ -1,4 +1,5 @@
 """Run guards: non-finite losses and too many unusable samples stop a run with a clear message."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -60,4 +61,6 @@ def assert_finite_parameters(module: torch.nn.Module) -> None:
     """Refuse to write a checkpoint of non-finite weights (the previous good one stays intact)."""
     bad = [name for name, p in module.named_parameters() if not torch.isfinite(p).all()]
     if bad:
-        raise RunGuardError(f"not writing a checkpoint: non-finite weights in {bad[:5]}{' ...' if len(bad) > 5 else ''}")
+        raise RunGuardError(
+            f"not writing a checkpoint: non-finite weights in {bad[:5]}{' ...' if len(bad) > 5 else ''}"
+        )

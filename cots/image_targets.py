@@ -5,6 +5,7 @@ be enumerated) or the online path (the batch carries ``images_dvae``, the ViT's 
 resolution, and a frozen dVAE tokenizes it inside the step: random crops and flips need it). The dVAE
 is built on first use and kept out of every state dict.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -75,6 +76,8 @@ class ImageTargets:
         if "image_tokens" in batch:
             return batch["image_tokens"]
         if "images_dvae" not in batch:
-            raise KeyError("objective.cmvm.enabled=true but the batch has neither image tokens nor dVAE views: "
-                           "set data.image_tokens")
+            raise KeyError(
+                "objective.cmvm.enabled=true but the batch has neither image tokens nor dVAE views: "
+                "set data.image_tokens"
+            )
         return self.tokenizer(batch["images_dvae"].device).tokenize(batch["images_dvae"])

@@ -1,4 +1,5 @@
 """LightningModule: runs the training step (``cots.training_step``), steps the momentum, logs, evaluates."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -11,10 +12,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from cots import distributed
 from cots.amf import AMFDecision, noise_confusion, precision_recall
 from cots.checkpoints import capture_rank_rng_states, restore_rank_rng_state, seed_rank_streams, upgrade_state_dict
-from cots.metrics.retrieval import retrieval_metrics
 from cots.guards import NonFiniteGuard, all_ranks_finite, assert_finite_parameters, check_skip_fraction
 from cots.losses.vilem import vilem_loss
 from cots.masking import IGNORE_INDEX
+from cots.metrics.retrieval import retrieval_metrics
 from cots.models.cots_model import COTSModel
 from cots.momentum import momentum_at
 from cots.optim import build_optimizer
@@ -102,8 +103,10 @@ class COTSLitModule(L.LightningModule):
         # The momentum encoders are in eval mode on purpose (no dropout in the keys); anything else is a bug.
         others = [name for name, m in self.named_modules() if not m.training and not name.startswith("model.momentum_")]
         if others:
-            rank_zero_warn(f"{len(others)} module(s) in eval mode at the start of training (only the momentum "
-                           f"encoders should be): {others[:8]}{' ...' if len(others) > 8 else ''}")
+            rank_zero_warn(
+                f"{len(others)} module(s) in eval mode at the start of training (only the momentum "
+                f"encoders should be): {others[:8]}{' ...' if len(others) > 8 else ''}"
+            )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if self._window != self.global_step:  # the first micro-batch of an accumulation window
@@ -143,8 +146,13 @@ class COTSLitModule(L.LightningModule):
     def _log_amf(self, decision: AMFDecision, batch: dict) -> None:
         """Filter statistics; with injected noise, cumulative precision/recall of the filtered pairs."""
         batch_size = batch["images"].shape[0]
-        stats = {"filtered_fraction": decision.filtered_fraction(), "mean": decision.mean, "std": decision.std,
-                 "threshold": decision.threshold, "active": decision.active.float()}
+        stats = {
+            "filtered_fraction": decision.filtered_fraction(),
+            "mean": decision.mean,
+            "std": decision.std,
+            "threshold": decision.threshold,
+            "active": decision.active.float(),
+        }
         if "is_noisy" in batch:
             is_noisy = distributed.all_gather_no_grad(batch["is_noisy"].float()) > 0.5  # G, like decision.keep
             self.amf_noise_counts += noise_confusion(decision.keep, is_noisy, decision.active)
@@ -157,7 +165,9 @@ class COTSLitModule(L.LightningModule):
         if self._window_skipped:  # every gradient is None: the optimizer changed nothing; neither do the rest
             return
         # Lightning calls this once per optimizer step, so accumulation does not repeat the EMA.
-        m = momentum_at(self.global_step, self.trainer.estimated_stepping_batches, self.momentum, self.momentum_schedule)
+        m = momentum_at(
+            self.global_step, self.trainer.estimated_stepping_batches, self.momentum, self.momentum_schedule
+        )
         self.model.momentum_update(m)
         self.model.clamp_temperature_()
 
@@ -226,15 +236,20 @@ class COTSLitModule(L.LightningModule):
         if not own.any():
             return
         ids, mask, index = batch["input_ids"][own], batch["attention_mask"][own], index[own]
-        generator = torch.Generator(device=ids.device).manual_seed(1000003 * (batch_idx + 1))  # the same edits every time
-        edited, predicted = predict_caption_errors(self.model, self.step.caption_editor, ids, mask, image_global[index],
-                                                   image_patches[index], generator)
-        result = vilem_loss(predicted.detection_logits, edited.detection_labels, predicted.correction_logits,
-                            edited.correction_labels)
+        generator = torch.Generator(device=ids.device).manual_seed(
+            1000003 * (batch_idx + 1)
+        )  # the same edits every time
+        edited, predicted = predict_caption_errors(
+            self.model, self.step.caption_editor, ids, mask, image_global[index], image_patches[index], generator
+        )
+        result = vilem_loss(
+            predicted.detection_logits, edited.detection_labels, predicted.correction_logits, edited.correction_labels
+        )
         scored = (edited.detection_labels != IGNORE_INDEX).sum()
         replaced = edited.replaced.sum()
-        counts = torch.stack([result["detection_accuracy"] * scored, scored, result["correction_accuracy"] * replaced,
-                              replaced.float()]).float()
+        counts = torch.stack(
+            [result["detection_accuracy"] * scored, scored, result["correction_accuracy"] * replaced, replaced.float()]
+        ).float()
         self._gallery["error_counts"] = self._gallery.get("error_counts", 0) + counts
 
     def _gallery_end(self, prefix: str) -> None:
@@ -250,10 +265,12 @@ class COTSLitModule(L.LightningModule):
             self.log(f"{prefix}/{name}", value, prog_bar=name == "rsum", sync_dist=False)
         if error_counts is not None:  # every rank scored the same captions
             det_correct, det_total, cor_correct, cor_total = error_counts.tolist()
-            self.last_error_accuracy = {"vilem_det_acc": 100.0 * det_correct / max(det_total, 1.0),
-                                        "vilem_cor_acc": 100.0 * cor_correct / max(cor_total, 1.0),
-                                        # what "nothing was replaced" scores: the bar detection must clear
-                                        "vilem_det_majority": 100.0 * (1.0 - cor_total / max(det_total, 1.0))}
+            self.last_error_accuracy = {
+                "vilem_det_acc": 100.0 * det_correct / max(det_total, 1.0),
+                "vilem_cor_acc": 100.0 * cor_correct / max(cor_total, 1.0),
+                # what "nothing was replaced" scores: the bar detection must clear
+                "vilem_det_majority": 100.0 * (1.0 - cor_total / max(det_total, 1.0)),
+            }
             for name, value in self.last_error_accuracy.items():
                 self.log(f"{prefix}/{name}", value, sync_dist=False)
 

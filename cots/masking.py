@@ -5,6 +5,7 @@ them with ``(seed, epoch, index)`` and stay exact under any worker count or
 resume); text masks are a torch function on whole batches (collate or training
 step).
 """
+
 from __future__ import annotations
 
 import math
@@ -88,7 +89,8 @@ class BlockMaskGenerator:
     def __repr__(self) -> str:
         return (
             f"BlockMaskGenerator(grid={self.height}x{self.width}, num_masking_patches={self.num_masking_patches}, "
-            f"min_num_patches={self.min_num_patches}, max_num_patches={self.max_num_patches}, aspect={self.aspect_range})"
+            f"min_num_patches={self.min_num_patches}, max_num_patches={self.max_num_patches}, "
+            f"aspect={self.aspect_range})"
         )
 
     def _place(self, mask: np.ndarray, budget: int, rng: np.random.Generator, blocks: list[MaskBlock]) -> int:
@@ -152,7 +154,9 @@ def sample_rng(*key: int) -> np.random.Generator:
 
 
 # -- text: BERT 80/10/10 masking ---------------------------------------------------------------------
-def maskable_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Iterable[int]) -> torch.Tensor:
+def maskable_positions(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Iterable[int]
+) -> torch.Tensor:
     """(B, L) bool: real (attended) tokens that are not special ([CLS], [SEP], [PAD], [MASK], [UNK]...)."""
     special = torch.as_tensor(list(special_ids), dtype=input_ids.dtype, device=input_ids.device)
     return attention_mask.bool() & ~torch.isin(input_ids, special)

@@ -3,6 +3,7 @@
 The update runs once per optimizer step; the LightningModule calls it from
 ``optimizer_step`` so that gradient accumulation does not multiply it.
 """
+
 from __future__ import annotations
 
 import copy

@@ -5,6 +5,7 @@ weights, the masked passes' logits, the CMVM targets, ViLEM's edits and predicti
 weighs and sums the pure losses of ``cots.losses``. The filter, the targets and the edits that
 produce its inputs are the training step's (``cots.training_step``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -101,10 +102,16 @@ class COTSObjective:
         vilem: ViLEM error modeling, see :class:`ViLEMSettings`.
     """
 
-    def __init__(self, inst: Mapping | LossTerm | None = None, task: Mapping | TaskTerm | None = None,
-                 amf: Mapping | AMFSettings | None = None, cmvm: Mapping | LossTerm | None = None,
-                 cmlm: Mapping | LossTerm | None = None, vilem: Mapping | ViLEMSettings | None = None,
-                 masked_pairs: int | None = None) -> None:
+    def __init__(
+        self,
+        inst: Mapping | LossTerm | None = None,
+        task: Mapping | TaskTerm | None = None,
+        amf: Mapping | AMFSettings | None = None,
+        cmvm: Mapping | LossTerm | None = None,
+        cmlm: Mapping | LossTerm | None = None,
+        vilem: Mapping | ViLEMSettings | None = None,
+        masked_pairs: int | None = None,
+    ) -> None:
         self.inst = _settings(LossTerm, inst, default_enabled=True)
         self.task = _settings(TaskTerm, task, default_enabled=False)
         self.amf = _settings(AMFSettings, amf, default_enabled=False)
@@ -112,7 +119,9 @@ class COTSObjective:
         self.cmlm = _settings(LossTerm, cmlm, default_enabled=False)
         self.vilem = _settings(ViLEMSettings, vilem, default_enabled=False)
         if masked_pairs is not None and not (type(masked_pairs) is int and masked_pairs >= 1):
-            raise ValueError(f"objective.masked_pairs must be a positive integer or null (all pairs), got {masked_pairs!r}")
+            raise ValueError(
+                f"objective.masked_pairs must be a positive integer or null (all pairs), got {masked_pairs!r}"
+            )
         self.masked_pairs = masked_pairs
         if not self.inst.enabled:
             raise ValueError("objective.inst.enabled=false leaves no retrieval objective; the queues need it")
@@ -126,9 +135,14 @@ class COTSObjective:
         """Whether the step needs masked forward passes (CMVM or CMLM on)."""
         return self.cmvm.enabled or self.cmlm.enabled
 
-    def __call__(self, features: PairFeatures, weights: torch.Tensor | None = None,
-                 masked: MaskedPredictions | None = None, image_tokens: torch.Tensor | None = None,
-                 errors: tuple[EditedCaptions, ErrorPredictions] | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        features: PairFeatures,
+        weights: torch.Tensor | None = None,
+        masked: MaskedPredictions | None = None,
+        image_tokens: torch.Tensor | None = None,
+        errors: tuple[EditedCaptions, ErrorPredictions] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Loss terms for one step; ``loss`` is the weighted total, the rest are for logging.
 
         Args:
@@ -144,9 +158,17 @@ class COTSObjective:
             weight_sum = distributed.all_reduce_sum(weights.sum()) / distributed.world_size()
         keys = features.keys
         inst = instance_contrastive_loss(
-            features.image.embedding, features.text.embedding, keys.image, keys.text, features.positive_index,
-            features.temperature, weights=weights, key_mask=keys.valid, weight_sum=weight_sum,
-            query_groups=features.groups, key_groups=keys.groups,
+            features.image.embedding,
+            features.text.embedding,
+            keys.image,
+            keys.text,
+            features.positive_index,
+            features.temperature,
+            weights=weights,
+            key_mask=keys.valid,
+            weight_sum=weight_sum,
+            query_groups=features.groups,
+            key_groups=keys.groups,
         )
         terms = {"inst": inst["loss"], "inst_i2t": inst["i2t"], "inst_t2i": inst["t2i"]}
         if features.groups is not None:
@@ -163,8 +185,13 @@ class COTSObjective:
             if errors is None:
                 raise ValueError("objective.vilem is on but no edited captions / predictions were given")
             result = self.error_terms(*errors)
-            terms.update(vilem=result["loss"], vilem_det=result["detection"], vilem_cor=result["correction"],
-                         vilem_det_acc=result["detection_accuracy"], vilem_cor_acc=result["correction_accuracy"])
+            terms.update(
+                vilem=result["loss"],
+                vilem_det=result["detection"],
+                vilem_cor=result["correction"],
+                vilem_det_acc=result["detection_accuracy"],
+                vilem_cor_acc=result["correction_accuracy"],
+            )
             terms["loss"] = terms["loss"] + self.vilem.weight * result["loss"]
         return terms
 
@@ -172,11 +199,18 @@ class COTSObjective:
         """``vilem_loss`` normalised by the global mean counts of scored and replaced tokens."""
         scored = _global_mean((edited.detection_labels != IGNORE_INDEX).sum())
         replaced = _global_mean(edited.replaced.sum())
-        return vilem_loss(predicted.detection_logits, edited.detection_labels, predicted.correction_logits,
-                          edited.correction_labels, scored, replaced)
+        return vilem_loss(
+            predicted.detection_logits,
+            edited.detection_labels,
+            predicted.correction_logits,
+            edited.correction_labels,
+            scored,
+            replaced,
+        )
 
-    def _token_losses(self, masked: MaskedPredictions | None,
-                      image_tokens: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _token_losses(
+        self, masked: MaskedPredictions | None, image_tokens: torch.Tensor | None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(loss, accuracy) of CMVM and CMLM, each normalised by the global mean count of predicted
         positions, so that DDP's gradient mean equals the one-process mean over all of them.
 
@@ -190,8 +224,10 @@ class COTSObjective:
             patch_mask = masked.patch_mask  # B_m x P
             if image_tokens is None or image_tokens[0].numel() != patch_mask.shape[1]:
                 got = None if image_tokens is None else tuple(image_tokens.shape[1:])
-                raise ValueError(f"CMVM targets of shape {got} for {patch_mask.shape[1]} patches: "
-                                 "check data.image_tokens.dvae_input_size against the ViT patch grid")
+                raise ValueError(
+                    f"CMVM targets of shape {got} for {patch_mask.shape[1]} patches: "
+                    "check data.image_tokens.dvae_input_size against the ViT patch grid"
+                )
             result = cmvm_loss(masked.cmvm_logits, image_tokens, patch_mask, _global_mean(patch_mask.sum()))
             out["cmvm"] = (result["loss"], result["accuracy"])
         if self.cmlm.enabled:
@@ -200,8 +236,9 @@ class COTSObjective:
             out["cmlm"] = (result["loss"], result["accuracy"])
         return out
 
-    def _task_loss(self, features: PairFeatures, weights: torch.Tensor | None,
-                   weight_sum: torch.Tensor | None) -> torch.Tensor:
+    def _task_loss(
+        self, features: PairFeatures, weights: torch.Tensor | None, weight_sum: torch.Tensor | None
+    ) -> torch.Tensor:
         image_queue, text_queue, queue_valid = features.keys.queue()  # (K, D), (K, D), (K,)
         if self.task.temperature is not None:
             temperature = torch.tensor(self.task.temperature, device=image_queue.device)
@@ -210,7 +247,15 @@ class COTSObjective:
             # drive tau to its upper bound; tau is learned by L_inst.
             temperature = features.temperature.detach()
         return task_kl_loss(
-            features.image.embedding, features.text.embedding, features.image_momentum, features.text_momentum,
-            image_queue, text_queue, temperature, queue_mask=queue_valid, direction=self.task.direction,
-            weights=weights, weight_sum=weight_sum,
+            features.image.embedding,
+            features.text.embedding,
+            features.image_momentum,
+            features.text_momentum,
+            image_queue,
+            text_queue,
+            temperature,
+            queue_mask=queue_valid,
+            direction=self.task.direction,
+            weights=weights,
+            weight_sum=weight_sum,
         )["loss"]

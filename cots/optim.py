@@ -1,4 +1,5 @@
 """Parameter groups and learning-rate schedules."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,9 @@ import torch
 from torch import nn
 
 
-def param_groups(module: nn.Module, weight_decay: float, base_lr: float | None = None,
-                 lr_scale: Mapping[str, float] | None = None) -> list[dict]:
+def param_groups(
+    module: nn.Module, weight_decay: float, base_lr: float | None = None, lr_scale: Mapping[str, float] | None = None
+) -> list[dict]:
     """Decay matrices; not biases, norms, embeddings of size 1xW, tokens or the temperature.
 
     Args:
@@ -31,8 +33,9 @@ def param_groups(module: nn.Module, weight_decay: float, base_lr: float | None =
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        decay = not (param.ndim < 2 or name.endswith(("cls_token", "pos_embed", "mask_embedding"))
-                     or "log_temperature" in name)
+        decay = not (
+            param.ndim < 2 or name.endswith(("cls_token", "pos_embed", "mask_embedding")) or "log_temperature" in name
+        )
         matches = [p for p in lr_scale if name == p or name.startswith(p + ".")]
         scale = float(lr_scale[max(matches, key=len)]) if matches else 1.0
         groups.setdefault((decay, scale), []).append(param)

@@ -4,6 +4,7 @@ Every tensor is a registered buffer, so a queue lives in checkpoints and moves
 with the module. Enqueue never asserts and never syncs with the host: the
 write positions are computed on the device, with wrap-around.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """A one-page PNG report of a run: text queries with their top-5 images, and the training curves."""
+
 from __future__ import annotations
 
 import csv
@@ -86,7 +87,7 @@ def write_report(
     loss_ax = fig.add_subplot(grid[num_queries + 1, :3])
     for key in ("train/loss", "train/inst", "train/task", "train/cmvm", "train/cmlm", "train/vilem"):
         if key in curves:
-            steps, values = zip(*curves[key])
+            steps, values = zip(*curves[key], strict=False)
             loss_ax.plot(steps, values, label=key)
     loss_ax.set_xlabel("step")
     loss_ax.set_title("training losses")
@@ -94,7 +95,7 @@ def write_report(
     side_ax = fig.add_subplot(grid[num_queries + 1, 3:])
     side_title, side_keys = side_panel(curves)
     for key in side_keys:
-        steps, values = zip(*curves[key])
+        steps, values = zip(*curves[key], strict=False)
         side_ax.plot(steps, values, marker="o" if key == "val/rsum" else None, label=key)
     side_ax.set_xlabel("step")
     side_ax.set_title(side_title)

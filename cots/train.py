@@ -1,4 +1,5 @@
 """`cots-train`: build everything from the Hydra config, fit, evaluate retrieval, report."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,13 @@ from cots.training_step import TrainingStep
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def build_module(cfg: DictConfig, text_vocab_size: int, tokenizer_json: str | None,
-                 mask_id: int | None = None, special_ids: list[int] | None = None):
+def build_module(
+    cfg: DictConfig,
+    text_vocab_size: int,
+    tokenizer_json: str | None,
+    mask_id: int | None = None,
+    special_ids: list[int] | None = None,
+):
     """The LightningModule for a run config (model, training step, optimizer, scheduler).
 
     ``text_vocab_size``, ``mask_id`` and ``special_ids`` come from the caption tokenizer: the text
@@ -67,7 +73,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     saved_tokenizer = read_checkpoint(cfg.ckpt_path)["cots"]["text_tokenizer"] if cfg.get("ckpt_path") else None
     tokenizer = datamodule.build_text_tokenizer(saved_tokenizer)
     module = build_module(cfg, tokenizer.vocab_size, tokenizer.to_str(), tokenizer.mask_id, tokenizer.special_ids)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=_instantiate_all(cfg.get("callbacks")),
+        logger=_instantiate_all(cfg.get("logger")) or False,
+    )
     # weights_only: a resume unpickles nothing (checkpoints hold tensors and plain data only)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -79,8 +89,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         report_retrieval(module.last_retrieval, datamodule, split, output_dir)
         if cfg.get("report") and trainer.is_global_zero:
             png = write_report(
-                module.model.encoder, datamodule.gallery_loaders(split), datamodule.gallery_captions(split).captions,
-                output_dir / "csv" / "metrics.csv", output_dir / "report.png", title=f"{cfg.task_name}: held-out {split}",
+                module.model.encoder,
+                datamodule.gallery_loaders(split),
+                datamodule.gallery_captions(split).captions,
+                output_dir / "csv" / "metrics.csv",
+                output_dir / "report.png",
+                title=f"{cfg.task_name}: held-out {split}",
             )
             print(f"wrote {png}")
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}

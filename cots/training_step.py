@@ -6,6 +6,7 @@ the momentum update stay with the caller (``COTSLitModule``, or a benchmark's ow
 pieces (the AMF filter, the CMVM targets, the caption editor) are built from the objective and data
 configs by :meth:`TrainingStep.from_config`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -43,8 +44,11 @@ def masked_inputs(objective: COTSObjective, batch: Mapping) -> dict[str, torch.T
     if objective.cmvm.enabled:
         inputs.update(images=batch["images"], patch_mask=_field(batch, "patch_mask", "data.image_tokens.block_mask"))
     if objective.cmlm.enabled:
-        inputs.update(mlm_input_ids=_field(batch, "mlm_input_ids", "data.text_mask"),
-                      attention_mask=batch["attention_mask"], mlm_labels=_field(batch, "mlm_labels", "data.text_mask"))
+        inputs.update(
+            mlm_input_ids=_field(batch, "mlm_input_ids", "data.text_mask"),
+            attention_mask=batch["attention_mask"],
+            mlm_labels=_field(batch, "mlm_labels", "data.text_mask"),
+        )
     return inputs
 
 
@@ -55,9 +59,15 @@ def first_pairs(batch: Mapping, pairs: int | None) -> Mapping:
     return {key: value[:pairs] if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
-def predict_caption_errors(model: COTSModel, editor: CaptionEditor, input_ids: torch.Tensor,
-                           attention_mask: torch.Tensor, image_global: torch.Tensor, image_patches: torch.Tensor,
-                           generator: torch.Generator | None = None) -> tuple[EditedCaptions, ErrorPredictions]:
+def predict_caption_errors(
+    model: COTSModel,
+    editor: CaptionEditor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_global: torch.Tensor,
+    image_patches: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[EditedCaptions, ErrorPredictions]:
     """ViLEM (METHOD §7): edit the captions, then let the model find and correct the edits against the images.
 
     Args:
@@ -66,8 +76,9 @@ def predict_caption_errors(model: COTSModel, editor: CaptionEditor, input_ids: t
         generator: seeded edits (validation); None = the global RNG (training).
     """
     edited = editor(model, input_ids, attention_mask, image_global, generator)
-    predicted = model.predict_errors(image_global, image_patches, edited.input_ids, edited.attention_mask,
-                                     edited.replaced)
+    predicted = model.predict_errors(
+        image_global, image_patches, edited.input_ids, edited.attention_mask, edited.replaced
+    )
     return edited, predicted
 
 
@@ -83,8 +94,13 @@ class TrainingStep:
         caption_editor: ViLEM's error generator, when ViLEM is on.
     """
 
-    def __init__(self, objective: COTSObjective, amf: AdaptiveMomentumFilter | None = None,
-                 image_targets: ImageTargets | None = None, caption_editor: CaptionEditor | None = None) -> None:
+    def __init__(
+        self,
+        objective: COTSObjective,
+        amf: AdaptiveMomentumFilter | None = None,
+        image_targets: ImageTargets | None = None,
+        caption_editor: CaptionEditor | None = None,
+    ) -> None:
         self.objective = objective
         self.amf = amf
         self.image_targets = image_targets
@@ -101,10 +117,13 @@ class TrainingStep:
         if objective.vilem.enabled:
             vilem = objective.vilem
             if vilem.mask_id is None or vilem.special_ids is None or not vilem.vocab_size:
-                raise ValueError("objective.vilem needs the caption tokenizer's mask_id, special_ids and vocab_size "
-                                 "(cots-train fills them in; set them when building the objective yourself)")
-            editor = CaptionEditor(vilem.ratio, vilem.top_k, vilem.generator, vilem.mask_id, vilem.special_ids,
-                                   vilem.vocab_size)
+                raise ValueError(
+                    "objective.vilem needs the caption tokenizer's mask_id, special_ids and vocab_size "
+                    "(cots-train fills them in; set them when building the objective yourself)"
+                )
+            editor = CaptionEditor(
+                vilem.ratio, vilem.top_k, vilem.generator, vilem.mask_id, vilem.special_ids, vilem.vocab_size
+            )
         return cls(objective, amf, targets, editor)
 
     def __call__(self, model: COTSModel, batch: Mapping) -> StepOutput:
@@ -118,15 +137,22 @@ class TrainingStep:
         """
         objective = self.objective
         features = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch.get("pair_groups"))
-        decision = None if self.amf is None else self.amf(features.image_keys, features.text_keys,
-                                                          features.positive_index)
+        decision = (
+            None if self.amf is None else self.amf(features.image_keys, features.text_keys, features.positive_index)
+        )
         head = first_pairs(batch, objective.masked_pairs)  # B_m <= B pairs for the masked passes
         targets = self.image_targets(head) if objective.cmvm.enabled else None  # B_m x h x w dVAE ids
         masked = model.predict_masked(features, **masked_inputs(objective, head)) if objective.token_level else None
         errors = None
         if objective.vilem.enabled:  # training only: the retrieval features above never see ViLEM's interaction
-            errors = predict_caption_errors(model, self.caption_editor, batch["input_ids"], batch["attention_mask"],
-                                            features.image.cls, features.image.tokens)
+            errors = predict_caption_errors(
+                model,
+                self.caption_editor,
+                batch["input_ids"],
+                batch["attention_mask"],
+                features.image.cls,
+                features.image.tokens,
+            )
         weights = None if decision is None else decision.weights
         terms = objective(features, weights, masked, targets, errors)
         return StepOutput(terms, features, decision, masked, errors)

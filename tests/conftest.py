@@ -1,4 +1,5 @@
 """Shared fixtures: the real Hydra config, composed and shrunk for CPU tests."""
+
 from __future__ import annotations
 
 import os
@@ -62,7 +63,9 @@ def make_cfg(tmp_path: Path, data_dir: Path):
 
     def _make(*overrides: str, config_name: str = "train") -> DictConfig:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=[*TINY, *overrides] if config_name == "train" else list(overrides))
+            cfg = compose(
+                config_name=config_name, overrides=[*TINY, *overrides] if config_name == "train" else list(overrides)
+            )
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / "run")
             cfg.paths.data_dir = str(data_dir)

@@ -1,4 +1,5 @@
 """Adaptive Momentum Filter: warm-up, the exact Gaussian threshold, the step's order, checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -45,11 +46,15 @@ def test_filters_exactly_the_pairs_below_mu_minus_k_sigma():
     assert expected == [False, False, True, True, True, False, False, True]
     assert decision.keep.tolist() == expected
     assert decision.weights.tolist() == [1.0, 0.0, 0.0, 1.0]
-    assert math.isclose(float(decision.mean), mu, abs_tol=1e-6) and math.isclose(float(decision.std), sigma, abs_tol=1e-6)
+    assert math.isclose(float(decision.mean), mu, abs_tol=1e-6) and math.isclose(
+        float(decision.std), sigma, abs_tol=1e-6
+    )
     assert math.isclose(float(decision.threshold), threshold, abs_tol=1e-6)
     assert float(decision.filtered_fraction()) == pytest.approx(4 / 8)
     # the pure function agrees without the module
-    keep, *_ = amf_filter(decision.similarities, queue_values, torch.ones(64, dtype=torch.bool), torch.tensor(True), 1.5)
+    keep, *_ = amf_filter(
+        decision.similarities, queue_values, torch.ones(64, dtype=torch.bool), torch.tensor(True), 1.5
+    )
     assert keep.tolist() == expected
 
 
@@ -76,7 +81,9 @@ def test_training_step_zeroes_filtered_positives_but_enqueues_their_features(mak
     module = build_module(cfg, datamodule.text_tokenizer.vocab_size, None)
     model, objective, amf = module.model, module.step.objective, module.amf
     with torch.no_grad():
-        s = (lambda f: (f.image_keys * f.text_keys).sum(-1))(model(batch["images"], batch["input_ids"], batch["attention_mask"]))
+        s = (lambda f: (f.image_keys * f.text_keys).sum(-1))(
+            model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        )
     cut = s.median()
     amf.enqueue(torch.full((16,), float(cut)))  # a full queue with sigma 0: threshold = the median
     keep = s >= cut
@@ -101,11 +108,21 @@ def test_training_step_zeroes_filtered_positives_but_enqueues_their_features(mak
 def test_similarity_queue_and_noise_counts_survive_save_and_resume(make_cfg, tmp_path):
     from cots.train import train
 
-    common = ("trainer.deterministic=true", "trainer.check_val_every_n_epoch=null", "trainer.limit_val_batches=0",
-              "trainer.max_epochs=-1", "objective.amf.queue_size=24", "data.noise_rate=0.3",
-              "callbacks.amf_histogram.every_n_steps=2")
-    saving = ("callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint.monitor=null",
-              "callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.filename='s{step}'")
+    common = (
+        "trainer.deterministic=true",
+        "trainer.check_val_every_n_epoch=null",
+        "trainer.limit_val_batches=0",
+        "trainer.max_epochs=-1",
+        "objective.amf.queue_size=24",
+        "data.noise_rate=0.3",
+        "callbacks.amf_histogram.every_n_steps=2",
+    )
+    saving = (
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.model_checkpoint.monitor=null",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.filename='s{step}'",
+    )
     _, full = train(make_cfg(*common, *saving, "trainer.max_steps=4"))
     run = tmp_path / "run"
     assert (run / "amf" / "step_000002.png").is_file() and (run / "amf" / "step_000004.png").is_file()
@@ -114,8 +131,10 @@ def test_similarity_queue_and_noise_counts_survive_save_and_resume(make_cfg, tmp
     checkpoint = torch.load(run / "checkpoints" / "s2.ckpt", map_location="cpu", weights_only=True)
     assert int(checkpoint["state_dict"]["amf.similarity_queue.filled"]) == 24  # 2 steps x 16 > 24
     # a checkpoint from before the AMF left the objective ("objective.amf.*") resumes the same way
-    checkpoint["state_dict"] = {k.replace("amf.", "objective.amf.", 1) if k.startswith("amf.") else k: v
-                                for k, v in checkpoint["state_dict"].items()}
+    checkpoint["state_dict"] = {
+        k.replace("amf.", "objective.amf.", 1) if k.startswith("amf.") else k: v
+        for k, v in checkpoint["state_dict"].items()
+    }
     torch.save(checkpoint, run / "checkpoints" / "old_names.ckpt")
 
     _, resumed = train(make_cfg(*common, "trainer.max_steps=4", f"ckpt_path={run / 'checkpoints' / 'old_names.ckpt'}"))

@@ -1,4 +1,5 @@
 """Fuzz: a manifest full of broken images and captions trains through; too many stops with a clear message."""
+
 from __future__ import annotations
 
 import json
@@ -49,14 +50,22 @@ def build_fuzz_set(root: Path, good: int = 48) -> tuple[Path, dict[str, int]]:
     (root / "truncated.png").write_bytes((root / "whole.png").read_bytes()[:60])
     (root / "empty.png").write_bytes(b"")
     _png_declaring(root / "bomb.png", 20000, 20000)
-    bad = {"truncated.jpg": "undecodable", "truncated.png": "undecodable", "empty.png": "undecodable",
-           "missing.png": "missing_file", "bomb.png": "too_large"}
+    bad = {
+        "truncated.jpg": "undecodable",
+        "truncated.png": "undecodable",
+        "empty.png": "undecodable",
+        "missing.png": "missing_file",
+        "bomb.png": "too_large",
+    }
     for name in bad:
         entries.append({"image": name, "caption": f"broken {name}"})
     # unusable captions (on good images)
-    entries += [{"image": "good0.png", "caption": ""}, {"image": "good1.png", "caption": "   \t "},
-                {"image": "good2.png", "caption": " ".join(["word"] * 10_000)},
-                {"image": "good3.png", "caption": "MARKER"}]
+    entries += [
+        {"image": "good0.png", "caption": ""},
+        {"image": "good1.png", "caption": "   \t "},
+        {"image": "good2.png", "caption": " ".join(["word"] * 10_000)},
+        {"image": "good3.png", "caption": "MARKER"},
+    ]
     raw = json.dumps(entries).encode().replace(b"MARKER", b"caf\xe9 \xff\xfe latin-1")  # not UTF-8
     (root / "train.json").write_bytes(raw)
     expected = {}
@@ -66,18 +75,29 @@ def build_fuzz_set(root: Path, good: int = 48) -> tuple[Path, dict[str, int]]:
 
 
 def _cfg(make_cfg, manifest: Path, *overrides: str):
-    return make_cfg("data.synthetic=null", f"data.train_manifest={manifest}", f"data.val_manifest={manifest}",
-                    "data.test_manifest=null", "data.batch_size=8", "trainer.limit_val_batches=0",
-                    "trainer.check_val_every_n_epoch=null", *overrides)
+    return make_cfg(
+        "data.synthetic=null",
+        f"data.train_manifest={manifest}",
+        f"data.val_manifest={manifest}",
+        "data.test_manifest=null",
+        "data.batch_size=8",
+        "trainer.limit_val_batches=0",
+        "trainer.check_val_every_n_epoch=null",
+        *overrides,
+    )
 
 
 def test_training_runs_through_bad_inputs_and_counts_them_per_reason(make_cfg, tmp_path):
     manifest, expected = build_fuzz_set(tmp_path / "fuzz")
     # about 8% of the pairs are unusable: allowed up to 30% here
-    _, objects = train(_cfg(make_cfg, manifest, "trainer.max_steps=14", "trainer.max_epochs=-1", "module.max_skip_fraction=0.3"))
+    _, objects = train(
+        _cfg(make_cfg, manifest, "trainer.max_steps=14", "trainer.max_epochs=-1", "module.max_skip_fraction=0.3")
+    )
     module = objects["module"]
-    print(f"fuzz run: {module.samples_seen} samples trained on, skipped {dict(module.skipped)}, "
-          f"dropped {dict(objects['datamodule'].train_set.dropped)}")
+    print(
+        f"fuzz run: {module.samples_seen} samples trained on, skipped {dict(module.skipped)}, "
+        f"dropped {dict(objects['datamodule'].train_set.dropped)}"
+    )
     assert objects["trainer"].global_step == 14
     assert set(module.skipped) == set(expected)  # every unusable kind was met and named
     pairs = objects["datamodule"].train_set
@@ -90,7 +110,9 @@ def test_training_runs_through_bad_inputs_and_counts_them_per_reason(make_cfg, t
 def test_too_many_unusable_samples_stop_the_run_naming_the_limit(make_cfg, tmp_path):
     manifest, _ = build_fuzz_set(tmp_path / "fuzz", good=8)
     with pytest.raises(RunGuardError, match="max_skip_fraction"):
-        train(_cfg(make_cfg, manifest, "trainer.max_steps=40", "trainer.max_epochs=-1", "module.max_skip_fraction=0.05"))
+        train(
+            _cfg(make_cfg, manifest, "trainer.max_steps=40", "trainer.max_epochs=-1", "module.max_skip_fraction=0.05")
+        )
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(make_cfg, monkeypatch):
@@ -116,9 +138,11 @@ def _training_state(trainer, module) -> dict:
     """Everything an update could move: weights, EMA twins, queues, AMF queue, tau, optimizer and scheduler."""
     import copy
 
-    return {"tensors": {k: v.detach().clone() for k, v in module.state_dict().items()},
-            "optimizer": copy.deepcopy(trainer.optimizers[0].state_dict()),
-            "scheduler": copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.state_dict())}
+    return {
+        "tensors": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "optimizer": copy.deepcopy(trainer.optimizers[0].state_dict()),
+        "scheduler": copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.state_dict()),
+    }
 
 
 def _changed(before: dict, after: dict) -> set[str]:
@@ -127,8 +151,9 @@ def _changed(before: dict, after: dict) -> set[str]:
     changed = {k for k in before["tensors"] if not torch.equal(before["tensors"][k], after["tensors"][k])}
     groups = {".".join(k.split(".")[:2]) for k in changed}  # model.encoder, amf.similarity_queue, ...
     opt_b, opt_a = before["optimizer"]["state"], after["optimizer"]["state"]
-    if opt_b.keys() != opt_a.keys() or any(not torch.equal(torch.as_tensor(opt_b[p][f]), torch.as_tensor(opt_a[p][f]))
-                                           for p in opt_b for f in opt_b[p]):
+    if opt_b.keys() != opt_a.keys() or any(
+        not torch.equal(torch.as_tensor(opt_b[p][f]), torch.as_tensor(opt_a[p][f])) for p in opt_b for f in opt_b[p]
+    ):
         groups.add("optimizer")
     if before["scheduler"] != after["scheduler"]:
         groups.add("scheduler")
@@ -169,13 +194,24 @@ def test_a_skipped_non_finite_step_changes_nothing_but_counts_as_a_step(make_cfg
 
     monkeypatch.setattr(TrainingStep, "__call__", poisoned)
     globals()["Probe"] = Probe
-    cfg = make_cfg("trainer.max_steps=5", f"trainer.accumulate_grad_batches={accumulate}",
-                   "objective.amf.queue_size=16", "optim.scheduler.warmup_steps=3")
+    cfg = make_cfg(
+        "trainer.max_steps=5",
+        f"trainer.accumulate_grad_batches={accumulate}",
+        "objective.amf.queue_size=16",
+        "optim.scheduler.warmup_steps=3",
+    )
     with open_dict(cfg):
         cfg.callbacks.probe = {"_target_": f"{__name__}.Probe"}
     _, objects = train(cfg)
-    moved = {"model.encoder", "model.momentum_encoder", "model.feature_queue", "model.log_temperature",
-             "amf.similarity_queue", "optimizer", "scheduler"}
+    moved = {
+        "model.encoder",
+        "model.momentum_encoder",
+        "model.feature_queue",
+        "model.log_temperature",
+        "amf.similarity_queue",
+        "optimizer",
+        "scheduler",
+    }
     assert windows["clean1"] == moved  # a test of this test: a normal step moves every piece
     assert windows["poisoned"] == set()
     assert objects["trainer"].global_step == 5 and calls["n"] == 5 * accumulate  # the skipped step counted

@@ -1,4 +1,5 @@
 """A quiet console: what every run would print and no user can act on is silenced; real problems still show."""
+
 from __future__ import annotations
 
 import logging

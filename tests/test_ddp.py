@@ -1,4 +1,5 @@
 """Two CPU processes (ddp_spawn, gloo) against one process with the same global batch."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,14 @@ class RecordRun(L.Callback):
 
 
 def _run(make_cfg, out_dir: Path, *overrides: str) -> None:
-    cfg = make_cfg("trainer.max_steps=10", "trainer.deterministic=true", "trainer.limit_val_batches=0",
-                   "trainer.check_val_every_n_epoch=null", "~callbacks.model_checkpoint", *overrides)
+    cfg = make_cfg(
+        "trainer.max_steps=10",
+        "trainer.deterministic=true",
+        "trainer.limit_val_batches=0",
+        "trainer.check_val_every_n_epoch=null",
+        "~callbacks.model_checkpoint",
+        *overrides,
+    )
     with open_dict(cfg):
         cfg.callbacks.record = {"_target_": f"{__name__}.RecordRun", "out_dir": str(out_dir)}
     train(cfg)
@@ -47,10 +54,12 @@ def test_ddp_spawn_matches_one_process_and_ranks_hold_identical_queues(make_cfg,
         torch.testing.assert_close(rank0["state"][key], single["state"][key], atol=1e-5, rtol=0)
     assert int(rank0["state"]["feature_queue.image.filled"]) == 64  # queue_size 64 < 10 steps x 16
     # the mean of the two ranks' local losses is the single-process loss of the same global batch
-    ddp_losses = [(a + b) / 2 for a, b in zip(rank0["losses"], rank1["losses"])]
+    ddp_losses = [(a + b) / 2 for a, b in zip(rank0["losses"], rank1["losses"], strict=False)]
     assert len(ddp_losses) == len(single["losses"]) == 10
-    loss_gap = max(abs(a - b) for a, b in zip(ddp_losses, single["losses"]))
+    loss_gap = max(abs(a - b) for a, b in zip(ddp_losses, single["losses"], strict=False))
     worst = max((rank0["state"][k].float() - single["state"][k].float()).abs().max().item() for k in single["state"])
-    print(f"DDP 2x8 vs 1x16 over 10 steps: largest loss difference {loss_gap:.3g}, largest state difference {worst:.3g}")
+    print(
+        f"DDP 2x8 vs 1x16 over 10 steps: largest loss difference {loss_gap:.3g}, largest state difference {worst:.3g}"
+    )
     assert loss_gap < 1e-5
     assert worst < 1e-4, worst

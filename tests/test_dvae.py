@@ -1,4 +1,5 @@
 """The dVAE (cots_dvae): conversion, safe loading, tokens, frozen state, dVAE training."""
+
 from __future__ import annotations
 
 import json
@@ -147,11 +148,34 @@ def _shapes_manifest(root: Path, n: int = 32, size: int = 32) -> Path:
 def test_trained_dvae_reconstructs_better_than_init(tmp_path, monkeypatch):
     manifest = _shapes_manifest(tmp_path)
     out = tmp_path / "dvae.safetensors"
-    args = ["train", "--manifest", str(manifest), "--out", str(out), "--vocab-size", "64", "--n-hid", "16",
-            "--n-blk-per-group", "1", "--n-init", "16", "--input-size", "32", "--steps", "60",
-            "--batch-size", "16", "--lr", "3e-3", "--log-every", "1000",
-            # heldout 0: evaluate on the 32 training images (8 held-out ones are too noisy a measure)
-            "--heldout", "0"]
+    args = [
+        "train",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        "--vocab-size",
+        "64",
+        "--n-hid",
+        "16",
+        "--n-blk-per-group",
+        "1",
+        "--n-init",
+        "16",
+        "--input-size",
+        "32",
+        "--steps",
+        "60",
+        "--batch-size",
+        "16",
+        "--lr",
+        "3e-3",
+        "--log-every",
+        "1000",
+        # heldout 0: evaluate on the 32 training images (8 held-out ones are too noisy a measure)
+        "--heldout",
+        "0",
+    ]
     assert cli_main(args) == 0
 
     metrics = json.loads(out.with_name("dvae_metrics.json").read_text())

@@ -1,4 +1,5 @@
 """Tests of ``cots-data emoji`` on a tiny fake package tree (offline, no npm), plus one slow real build."""
+
 from __future__ import annotations
 
 import hashlib
@@ -35,16 +36,25 @@ FIXTURE_SPLITS = {"1F44D": "test", "1F44B": "train", "2764-FE0F": "train", "1F43
 
 
 def _entry(unified: str, skins: dict[str, dict] | None = None, **has_img: bool) -> dict:
-    entry = {"unified": unified, "image": unified.lower() + ".png", "name": unified, "category": "Fake",
-             "subcategory": "fake", **{f"has_img_{v}": has_img.get(v, True) for v in VENDORS}}
+    entry = {
+        "unified": unified,
+        "image": unified.lower() + ".png",
+        "name": unified,
+        "category": "Fake",
+        "subcategory": "fake",
+        **{f"has_img_{v}": has_img.get(v, True) for v in VENDORS},
+    }
     if skins:
         entry["skin_variations"] = skins
     return entry
 
 
 def _skin(unified: str, **has_img: bool) -> dict:
-    return {"unified": unified, "image": unified.lower() + ".png",
-            **{f"has_img_{v}": has_img.get(v, True) for v in VENDORS}}
+    return {
+        "unified": unified,
+        "image": unified.lower() + ".png",
+        **{f"has_img_{v}": has_img.get(v, True) for v in VENDORS},
+    }
 
 
 def _png(path: Path, mode: str) -> None:
@@ -88,11 +98,13 @@ def make_packages(root: Path) -> EmojiSources:
     ann = root / "cldr-annotations-full/package"
     (ann / "annotations/en").mkdir(parents=True)
     (ann / "annotations/en/annotations.json").write_text(
-        json.dumps({"annotations": {"identity": {"language": "en"}, "annotations": annotations}}))
+        json.dumps({"annotations": {"identity": {"language": "en"}, "annotations": annotations}})
+    )
     der = root / "cldr-annotations-derived-full/package"
     (der / "annotationsDerived/en").mkdir(parents=True)
     (der / "annotationsDerived/en/annotations.json").write_text(
-        json.dumps({"annotationsDerived": {"identity": {"language": "en"}, "annotations": derived}}))
+        json.dumps({"annotationsDerived": {"identity": {"language": "en"}, "annotations": derived}})
+    )
     images = {}
     modes = ["RGBA", "P", "LA"]
     for vendor in VENDORS:
@@ -114,6 +126,7 @@ def _no_partial_dirs(parent: Path) -> bool:
 
 
 # --- split rule -------------------------------------------------------------------------------
+
 
 def test_fixture_covers_all_splits() -> None:
     assert {b: split_of(b) for b in FIXTURE_SPLITS} == FIXTURE_SPLITS
@@ -148,9 +161,12 @@ def test_built_splits_keep_groups_and_skin_tones_together(sources: EmojiSources,
 
 # --- join and captions ------------------------------------------------------------------------
 
+
 def test_join_strips_fe0f_on_both_sides(sources: EmojiSources) -> None:
-    cldr = load_cldr(sources.annotations / "annotations/en/annotations.json",
-                     sources.derived / "annotationsDerived/en/annotations.json")
+    cldr = load_cldr(
+        sources.annotations / "annotations/en/annotations.json",
+        sources.derived / "annotationsDerived/en/annotations.json",
+    )
     assert emoji_string("2764-FE0F") == "❤" + FE0F
     items, skipped = load_catalog(sources.datasource / "emoji.json", cldr, VENDORS)
     names = {i.unified: i.name for i in items}
@@ -164,8 +180,10 @@ def test_join_strips_fe0f_on_both_sides(sources: EmojiSources) -> None:
 
 
 def test_train_captions_are_deterministic_without_duplicates(sources: EmojiSources) -> None:
-    cldr = load_cldr(sources.annotations / "annotations/en/annotations.json",
-                     sources.derived / "annotationsDerived/en/annotations.json")
+    cldr = load_cldr(
+        sources.annotations / "annotations/en/annotations.json",
+        sources.derived / "annotationsDerived/en/annotations.json",
+    )
     items, _ = load_catalog(sources.datasource / "emoji.json", cldr, VENDORS)
     heart = next(i for i in items if i.unified == "2764-FE0F")
     assert train_captions(heart) == ["red heart", "heart, love"]
@@ -175,12 +193,16 @@ def test_train_captions_are_deterministic_without_duplicates(sources: EmojiSourc
 
 # --- build output -----------------------------------------------------------------------------
 
+
 def test_build_writes_manifests_and_rgb_images(sources: EmojiSources, tmp_path: Path) -> None:
     out = tmp_path / "out"
     info = build_dataset(sources, out, VENDORS)
     counts = info["counts"]
-    assert counts["images"] == {"train": {"google": 3, "twitter": 3}, "val": {"google": 1, "twitter": 1},
-                                "test": {"google": 3, "twitter": 2}}
+    assert counts["images"] == {
+        "train": {"google": 3, "twitter": 3},
+        "val": {"google": 1, "twitter": 1},
+        "test": {"google": 3, "twitter": 2},
+    }
     assert counts["skipped_no_caption"] == 1 and counts["skipped_no_image"] == {"google": 0, "twitter": 1}
     assert counts["train_name_pairs"] == 6
 
@@ -189,8 +211,9 @@ def test_build_writes_manifests_and_rgb_images(sources: EmojiSources, tmp_path: 
     assert all(isinstance(e["caption"], str) for e in train)
     assert {"image": "images/google/2764-fe0f.png", "caption": "red heart"} in train
     assert {"image": "images/twitter/2764-fe0f.png", "caption": "heart, love"} in train
-    assert sorted(c for e in train if e["image"] == "images/google/1f44b-1f3fb.png" for c in [e["caption"]]) \
-        == sorted(["waving hand: light skin tone", "hand, light skin tone"])
+    assert sorted(c for e in train if e["image"] == "images/google/1f44b-1f3fb.png" for c in [e["caption"]]) == sorted(
+        ["waving hand: light skin tone", "hand, light skin tone"]
+    )
 
     # Names only, one pair per image: train concepts, then train + val concepts; never a test concept.
     train_names = json.loads((out / "train_names.json").read_text())
@@ -198,8 +221,10 @@ def test_build_writes_manifests_and_rgb_images(sources: EmojiSources, tmp_path: 
     assert {"image": "images/twitter/2764-fe0f.png", "caption": "red heart"} in train_names
     assert {e["image"] for e in train_names} == {e["image"] for e in train}
     trainval = json.loads((out / "trainval_names.json").read_text())
-    assert trainval == train_names + [{"image": "images/google/1f431.png", "caption": "cat face"},
-                                      {"image": "images/twitter/1f431.png", "caption": "cat face"}]
+    assert trainval == train_names + [
+        {"image": "images/google/1f431.png", "caption": "cat face"},
+        {"image": "images/twitter/1f431.png", "caption": "cat face"},
+    ]
     assert counts["trainval_name_pairs"] == 8
 
     test_twitter = json.loads((out / "test_twitter.json").read_text())
@@ -208,7 +233,8 @@ def test_build_writes_manifests_and_rgb_images(sources: EmojiSources, tmp_path: 
         {"image": "images/twitter/1f44d-1f3fb.png", "caption": ["thumbs up: light skin tone"]},
     ]
     assert json.loads((out / "val_google.json").read_text()) == [
-        {"image": "images/google/1f431.png", "caption": ["cat face"]}]
+        {"image": "images/google/1f431.png", "caption": ["cat face"]}
+    ]
 
     for split_vendor in ("val_google", "val_twitter", "test_google", "test_twitter"):
         for entry in load_manifest(out / f"{split_vendor}.json"):  # the project's loader; paths exist
@@ -269,6 +295,7 @@ def test_missing_package_file_and_foreign_out_dir(sources: EmojiSources, tmp_pat
 
 
 # --- CLI and npm cache (with a fake `npm`) --------------------------------------------------------
+
 
 def test_cli_reports_missing_npm(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no npm here
@@ -355,6 +382,7 @@ def test_failed_npm_pack_shows_stderr(fake_npm: dict, monkeypatch) -> None:
 
 
 # --- the real thing ---------------------------------------------------------------------------
+
 
 def _registry_reachable() -> bool:
     if shutil.which("npm") is None:

@@ -4,6 +4,7 @@ The runs are the real path (``cots.train.train`` on the tiny synthetic settings 
 with fixed steps instead of a calibrated budget; the table arithmetic is checked on records whose
 values are chosen so that the mean and standard deviation are known.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-
 from conftest import TINY
+
 from cots.checkpoints import read_checkpoint
 from cots.data.manifest import ManifestError
 
@@ -35,11 +36,16 @@ class CrashAt(L.Callback):
 
 def tiny_table(data_dir: Path, rows: tuple[evidence.Row, ...] | None = None, galleries=None) -> evidence.Table:
     return evidence.Table(
-        "tiny", "tiny runs",
+        "tiny",
+        "tiny runs",
         rows or (evidence.Row("contrastive", ("objective=contrastive_only",)),),
         seeds=(0, 1),
-        base=(*TINY, f"paths.data_dir={data_dir}", "callbacks.model_checkpoint.monitor=null",
-              "callbacks.model_checkpoint.save_top_k=0"),
+        base=(
+            *TINY,
+            f"paths.data_dir={data_dir}",
+            "callbacks.model_checkpoint.monitor=null",
+            "callbacks.model_checkpoint.save_top_k=0",
+        ),
         splits={"test": evidence.Split(None, galleries or {"shapes": "test.json"})},
     )
 
@@ -74,12 +80,25 @@ def test_interrupted_run_resumes_and_finished_runs_are_skipped(tmp_path, data_di
     assert outcome == [("contrastive", 0, "skipped"), ("contrastive", 1, "skipped")]
 
 
-def write_record(results: Path, table: evidence.Table, row: evidence.Row, seed: int, rsum: dict[str, float],
-                 **extra) -> None:
-    galleries = {name: {"rsum": value, "manifest": f"/d/test_{name}.json", "images": 10, "captions": 10}
-                 for name, value in rsum.items()}
-    record = {"row": row.name, "row_slug": row.slug, "seed": seed, "steps": 7, "galleries": galleries,
-              "train_minutes": 2.0, "budget_minutes": 1.5, "budget_seconds": 90.0, "commit": "abc", **extra}
+def write_record(
+    results: Path, table: evidence.Table, row: evidence.Row, seed: int, rsum: dict[str, float], **extra
+) -> None:
+    galleries = {
+        name: {"rsum": value, "manifest": f"/d/test_{name}.json", "images": 10, "captions": 10}
+        for name, value in rsum.items()
+    }
+    record = {
+        "row": row.name,
+        "row_slug": row.slug,
+        "seed": seed,
+        "steps": 7,
+        "galleries": galleries,
+        "train_minutes": 2.0,
+        "budget_minutes": 1.5,
+        "budget_seconds": 90.0,
+        "commit": "abc",
+        **extra,
+    }
     evidence.write_json_atomic(evidence.record_path(results, table, "test", row, seed), record)
 
 
@@ -127,16 +146,20 @@ def test_steps_follow_the_budget_and_each_row_timing():
 def test_vendor_manifest_keeps_only_that_vendors_images(tmp_path):
     source = tmp_path / "emoji" / "train_names.json"
     source.parent.mkdir()
-    entries = [{"image": "images/google/1f600.png", "caption": "grinning face"},
-               {"image": "images/twitter/1f600.png", "caption": "grinning face"},
-               {"image": "images/google/1f601.png", "caption": "beaming face"},
-               {"image": "images/googlex/1f602.png", "caption": "not google"}]
+    entries = [
+        {"image": "images/google/1f600.png", "caption": "grinning face"},
+        {"image": "images/twitter/1f600.png", "caption": "grinning face"},
+        {"image": "images/google/1f601.png", "caption": "beaming face"},
+        {"image": "images/googlex/1f602.png", "caption": "not google"},
+    ]
     source.write_text(json.dumps(entries))
     out = tmp_path / "run" / "train_google.json"
     assert evidence.vendor_manifest(source, "google", out) == 2
     kept = json.loads(out.read_text())
-    assert [Path(e["image"]) for e in kept] == [source.parent / "images/google/1f600.png",
-                                                source.parent / "images/google/1f601.png"]
+    assert [Path(e["image"]) for e in kept] == [
+        source.parent / "images/google/1f600.png",
+        source.parent / "images/google/1f601.png",
+    ]
     assert [e["caption"] for e in kept] == ["grinning face", "beaming face"]
     with pytest.raises(ManifestError, match="apple"):
         evidence.vendor_manifest(source, "apple", out)

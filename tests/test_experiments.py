@@ -1,4 +1,5 @@
 """Every shipped experiment composes, resolves, and builds its optimizer (no model, no data)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ On a GPU each of those waits for the device to finish (a host synchronisation); 
 free, so the guard here makes them visible: a ``TorchFunctionMode`` that fails on the tensor methods
 that hand a value to Python, and on indexing with a boolean tensor (its size depends on the values).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -12,9 +13,20 @@ from torch.overrides import TorchFunctionMode
 
 from cots.train import build_module
 
-READS_A_VALUE = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
-                 torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy, torch.nonzero,
-                 torch.Tensor.nonzero, torch.masked_select, torch.Tensor.masked_select, torch.unique}
+READS_A_VALUE = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__index__,
+    torch.Tensor.numpy,
+    torch.nonzero,
+    torch.Tensor.nonzero,
+    torch.masked_select,
+    torch.Tensor.masked_select,
+    torch.unique,
+}
 
 
 class NoHostReads(TorchFunctionMode):
@@ -44,10 +56,13 @@ def test_the_guard_catches_a_host_read():
         torch.ones(3)[torch.tensor([True, False, True])]
 
 
-@pytest.mark.parametrize("overrides", [
-    ["objective=default", "objective.task.enabled=true", "objective.amf.queue_size=16"],  # AMF filters from step 3
-    ["objective=contrastive_only"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["objective=default", "objective.task.enabled=true", "objective.amf.queue_size=16"],  # AMF filters from step 3
+        ["objective=contrastive_only"],
+    ],
+)
 def test_training_step_reads_no_tensor_value_on_the_host(make_cfg, overrides):
     """Forward (online + momentum), AMF, L_inst (+ pair groups) + L_task, enqueue, backward, EMA: no host reads."""
     module = build_module(make_cfg(*overrides), 200, None)
@@ -58,8 +73,12 @@ def test_training_step_reads_no_tensor_value_on_the_host(make_cfg, overrides):
     ids[:, 0], ids[:, -1] = 2, 3
     mask = torch.ones_like(ids)
     mask[1, 5:], ids[1, 4] = 0, 3  # one shorter caption: padding in the batch
-    batch = {"images": torch.randn(8, 3, 32, 32, generator=gen), "input_ids": ids * mask, "attention_mask": mask,
-             "pair_groups": torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])}  # (B,): pairs 0-1 and 4-5 share a group
+    batch = {
+        "images": torch.randn(8, 3, 32, 32, generator=gen),
+        "input_ids": ids * mask,
+        "attention_mask": mask,
+        "pair_groups": torch.tensor([0, 0, 1, 2, 3, 3, 4, 5]),
+    }  # (B,): pairs 0-1 and 4-5 share a group
     for _ in range(3):  # the queues and the AMF statistics fill up over the steps
         with NoHostReads():
             out = step(model, batch)

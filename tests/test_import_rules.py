@@ -4,6 +4,7 @@
   builders) or ``cots.models``, directly or through another ``cots`` module.
 * ``cots_dvae`` (the dVAE) imports nothing from ``cots``: the direction is ``cots`` -> ``cots_dvae``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -84,16 +85,26 @@ DVAE_MODULES = sorted(m for m in MODULES if _is_within(m, "cots_dvae"))
 
 
 def test_the_packages_are_where_the_rules_expect_them():
-    for module in ("cots.data.datamodule", "cots.data.token_cache", "cots.prepare.cli", "cots.prepare.dvae_cli",
-                   "cots.prepare.token_cache_builder", "cots.local_paths", "cots_dvae.arch"):
+    for module in (
+        "cots.data.datamodule",
+        "cots.data.token_cache",
+        "cots.prepare.cli",
+        "cots.prepare.dvae_cli",
+        "cots.prepare.token_cache_builder",
+        "cots.local_paths",
+        "cots_dvae.arch",
+    ):
         assert module in MODULES, module
     assert not (ROOT / "tokenizers" / "__init__.py").exists(), "tokenizers/ would shadow Hugging Face's tokenizers"
 
 
 @pytest.mark.parametrize("module", DATA_MODULES)
 def test_data_layer_imports_no_builder_and_no_model_code(module):
-    bad = {name: chain for name, chain in reachable(module).items()
-           if any(_is_within(name, prefix) for prefix in DATA_MUST_NOT_REACH)}
+    bad = {
+        name: chain
+        for name, chain in reachable(module).items()
+        if any(_is_within(name, prefix) for prefix in DATA_MUST_NOT_REACH)
+    }
     shortest = sorted((" -> ".join(chain) for chain in bad.values()), key=len)
     assert not bad, "\n".join(shortest[:5])
 

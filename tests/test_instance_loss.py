@@ -1,4 +1,5 @@
 """L_inst against the formula of METHOD §3, computed in float64 with plain loops."""
+
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ from cots.losses.instance import instance_contrastive_loss
 
 def reference_inst(zv, zt, kv, kt, pos, tau, w, valid):
     """- sum_i w_i log softmax_j(z_i . k_j / tau)[pos_i] / sum_i w_i over valid keys, both directions."""
+
     def direction(q, keys):
         total = 0.0
         for i in range(q.shape[0]):

@@ -1,4 +1,5 @@
 """Masking (METHOD §4): BEiT block masks, BERT 80/10/10 text masks, and the ViT / dVAE grid check."""
+
 from __future__ import annotations
 
 from collections import deque
@@ -16,7 +17,7 @@ def connected_components(mask: np.ndarray) -> list[int]:
     """Sizes of the 4-connected True regions of a 2-D bool array."""
     seen = np.zeros_like(mask)
     sizes = []
-    for start in zip(*np.nonzero(mask)):
+    for start in zip(*np.nonzero(mask), strict=False):
         if seen[start]:
             continue
         seen[start], queue, size = True, deque([start]), 0
@@ -121,7 +122,7 @@ def test_text_masking_is_seeded():
     ids, attention = _caption_batch(8, 16)
     a = mask_text_tokens(ids, attention, MASK, SPECIAL, VOCAB, torch.Generator().manual_seed(3))
     b = mask_text_tokens(ids, attention, MASK, SPECIAL, VOCAB, torch.Generator().manual_seed(3))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=False))
 
 
 def test_text_masker_from_a_real_tokenizer():

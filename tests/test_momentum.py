@@ -1,4 +1,5 @@
 """EMA of the momentum encoder: formula, frozen parameters, schedule."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Masked vision-language modeling (METHOD §4): losses against a float64 reference, fusion heads, tied decoder."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,6 @@ from cots.masking import IGNORE_INDEX, BlockMaskGenerator, block_masks, mask_tex
 from cots.models.image_tower import ImageTower
 from cots.models.mvlm_heads import CMLMHead, CMVMHead
 from cots.models.text_tower import TextTower
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: threads only add overhead
 
@@ -103,8 +103,9 @@ def test_heads_shapes_fusion_and_tied_decoder():
 def test_masked_passes_through_both_towers_train_every_part():
     """One MVLM step on tiny towers: masks, masked forward passes, heads, losses, gradients."""
     torch.manual_seed(0)
-    image_tower = ImageTower("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
-                             mask_embedding=True)
+    image_tower = ImageTower(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mask_embedding=True
+    )
     text_tower = TextTower(vocab_size=50, hidden_size=24, num_layers=1, num_heads=2, max_length=16, dropout=0.0)
     cmvm = CMVMHead(image_tower.width, text_tower.width, image_vocab=64)
     cmlm = CMLMHead(text_tower.width, image_tower.width, text_tower.word_embeddings)

@@ -1,4 +1,5 @@
 """Token level in the trainer (METHOD §4): CMVM + CMLM wired through config, data, model, objective and step."""
+
 from __future__ import annotations
 
 import math
@@ -12,12 +13,12 @@ from omegaconf import OmegaConf, open_dict
 from cots import distributed
 from cots.config_checks import ConfigError
 from cots.data.synthetic import ensure_synthetic_dataset
+from cots.image_targets import ImageTargets
 from cots.masking import IGNORE_INDEX, BlockMaskGenerator, TextMasker, block_masks, sample_rng
 from cots.models.cots_model import MaskedPredictions
-from cots.image_targets import ImageTargets
 from cots.prepare.token_cache_builder import build_token_cache
-from cots.training_step import StepOutput, TrainingStep, masked_inputs
 from cots.train import CONF_DIR, build_module, train
+from cots.training_step import StepOutput, TrainingStep, masked_inputs
 from cots_dvae import DalleTokenizer
 from cots_dvae.weights import DVAEWeights, save_weights
 
@@ -25,8 +26,14 @@ TEXT_MASK = {"mask_prob": 0.15, "replace_prob": 0.8, "random_prob": 0.1}
 TINY_DVAE = {"n_hid": 8, "n_blk_per_group": 1}
 VOCAB = 64  # tiny dVAE vocabulary
 # TINY (conftest) trains on 32-px images with 8-px patches: a 4x4 grid = a dVAE at 32 px.
-ONLINE_TOKENS = {"source": "online", "dvae_input_size": 32, "vocab_size": VOCAB, "weights": None,
-                 "random_dvae": {**TINY_DVAE, "seed": 0}, "block_mask": {"mask_ratio": 0.4, "min_num_patches": 2}}
+ONLINE_TOKENS = {
+    "source": "online",
+    "dvae_input_size": 32,
+    "vocab_size": VOCAB,
+    "weights": None,
+    "random_dvae": {**TINY_DVAE, "seed": 0},
+    "block_mask": {"mask_ratio": 0.4, "min_num_patches": 2},
+}
 
 
 @pytest.fixture
@@ -35,9 +42,15 @@ def compose_run(tmp_path, data_dir):
 
     def _compose(*overrides: str):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[*overrides, "~logger.tensorboard",
-                                                          "trainer.enable_progress_bar=false",
-                                                          "trainer.enable_model_summary=false"])
+            cfg = compose(
+                config_name="train",
+                overrides=[
+                    *overrides,
+                    "~logger.tensorboard",
+                    "trainer.enable_progress_bar=false",
+                    "trainer.enable_model_summary=false",
+                ],
+            )
         with open_dict(cfg):
             cfg.paths.output_dir, cfg.paths.data_dir = str(tmp_path / "run"), str(data_dir)
             cfg.paths.log_dir = str(tmp_path / "logs")
@@ -101,19 +114,32 @@ def test_geometry_check_trains_one_step_on_576_patches_and_576_dvae_tokens(compo
 @pytest.mark.parametrize(
     "overrides,image_tokens,text_mask,keys",
     [
-        (["experiment=geometry_check", "data.image_tokens.dvae_input_size=128"], None, None,
-         ["data.image_tokens.dvae_input_size", "model.encoder.image_tower.patch_size", "data.image_size"]),
+        (
+            ["experiment=geometry_check", "data.image_tokens.dvae_input_size=128"],
+            None,
+            None,
+            ["data.image_tokens.dvae_input_size", "model.encoder.image_tower.patch_size", "data.image_size"],
+        ),
         (["objective=mvlm"], None, TEXT_MASK, ["objective.cmvm.enabled", "data.image_tokens"]),
         (["objective.cmlm.enabled=true"], None, None, ["objective.cmlm.enabled", "data.text_mask"]),
         (["objective=mvlm"], {**ONLINE_TOKENS, "block_mask": None}, TEXT_MASK, ["data.image_tokens.block_mask"]),
-        (["objective=mvlm", "model.encoder.image_tower.mask_embedding=false"], ONLINE_TOKENS, TEXT_MASK,
-         ["model.encoder.image_tower.mask_embedding"]),
-        (["objective=mvlm"], {**ONLINE_TOKENS, "random_dvae": None, "weights": "/nonexistent/dvae.safetensors"},
-         TEXT_MASK, ["data.image_tokens.weights"]),
+        (
+            ["objective=mvlm", "model.encoder.image_tower.mask_embedding=false"],
+            ONLINE_TOKENS,
+            TEXT_MASK,
+            ["model.encoder.image_tower.mask_embedding"],
+        ),
+        (
+            ["objective=mvlm"],
+            {**ONLINE_TOKENS, "random_dvae": None, "weights": "/nonexistent/dvae.safetensors"},
+            TEXT_MASK,
+            ["data.image_tokens.weights"],
+        ),
     ],
 )
-def test_token_level_config_mistakes_fail_before_training(make_cfg, compose_run, monkeypatch, overrides, image_tokens,
-                                                         text_mask, keys):
+def test_token_level_config_mistakes_fail_before_training(
+    make_cfg, compose_run, monkeypatch, overrides, image_tokens, text_mask, keys
+):
     monkeypatch.setattr(L.Trainer, "fit", lambda *a, **k: pytest.fail("training started"))
     if overrides[0].startswith("experiment="):
         cfg = compose_run(*overrides)
@@ -150,9 +176,15 @@ def _hand_batch(model, batch: int = 4, length: int = 10, vocab: int = 200) -> di
     mlm_ids, mlm_labels = TextMasker(4, [0, 1, 2, 3], vocab)(ids, attention, gen)
     grid = model.encoder.image_tower.grid_size
     masks = BlockMaskGenerator(grid, mask_ratio=0.4, min_num_patches=2)
-    return {"images": torch.randn(batch, 3, 32, 32, generator=gen), "input_ids": ids, "attention_mask": attention,
-            "image_tokens": torch.randint(VOCAB, (batch, *grid), generator=gen),
-            "patch_mask": block_masks(masks, batch, sample_rng(0)), "mlm_input_ids": mlm_ids, "mlm_labels": mlm_labels}
+    return {
+        "images": torch.randn(batch, 3, 32, 32, generator=gen),
+        "input_ids": ids,
+        "attention_mask": attention,
+        "image_tokens": torch.randint(VOCAB, (batch, *grid), generator=gen),
+        "patch_mask": block_masks(masks, batch, sample_rng(0)),
+        "mlm_input_ids": mlm_ids,
+        "mlm_labels": mlm_labels,
+    }
 
 
 def test_token_terms_train_the_mask_embedding_the_fusions_and_the_tied_decoder(make_cfg):
@@ -202,8 +234,11 @@ def test_masked_pairs_run_the_token_terms_on_the_first_pairs_with_their_own_fusi
     for name in ("cmvm", "cmlm", "cmvm_acc", "cmlm_acc"):
         assert torch.allclose(part.terms[name], alone.terms[name], atol=1e-6), name
     with pytest.raises(Exception, match="objective.masked_pairs must be a positive integer"):  # via hydra
-        build_module(with_tokens(make_cfg("objective=mvlm", "objective.masked_pairs=0"),
-                                 {**ONLINE_TOKENS, "source": "cache"}), 200, None)
+        build_module(
+            with_tokens(make_cfg("objective=mvlm", "objective.masked_pairs=0"), {**ONLINE_TOKENS, "source": "cache"}),
+            200,
+            None,
+        )
 
 
 def test_token_losses_divide_by_the_global_mean_count(make_cfg, monkeypatch):
@@ -224,8 +259,12 @@ def test_token_losses_divide_by_the_global_mean_count(make_cfg, monkeypatch):
             assert torch.allclose(ddp[name], single[name] / 1.5), name
             assert torch.equal(ddp[f"{name}_acc"], single[f"{name}_acc"])  # accuracy stays local
         # A rank with nothing masked contributes a zero term (with the others' denominator).
-        nothing = MaskedPredictions(torch.randn(0, VOCAB), torch.zeros(4, 16, dtype=torch.bool),
-                                    torch.randn(0, 200), torch.full((4, 10), IGNORE_INDEX))
+        nothing = MaskedPredictions(
+            torch.randn(0, VOCAB),
+            torch.zeros(4, 16, dtype=torch.bool),
+            torch.randn(0, 200),
+            torch.full((4, 10), IGNORE_INDEX),
+        )
         empty = objective(features, masked=nothing, image_tokens=batch["image_tokens"])
         assert empty["cmvm"].item() == 0.0 and empty["cmlm"].item() == 0.0
 
@@ -234,20 +273,46 @@ def test_token_losses_divide_by_the_global_mean_count(make_cfg, monkeypatch):
 def token_cache(tmp_path_factory, data_dir) -> dict:
     """A token cache of conftest's TINY synthetic training set (32 px, 4x4 tokens), built with the writer."""
     root = tmp_path_factory.mktemp("mvlm_cache")
-    data = ensure_synthetic_dataset(data_dir / "synthetic-256-64", num_train=256, num_val=64, num_test=64, image_size=32)
+    data = ensure_synthetic_dataset(
+        data_dir / "synthetic-256-64", num_train=256, num_val=64, num_test=64, image_size=32
+    )
     torch.manual_seed(0)
     dvae = DalleTokenizer(input_size=32, vocab_size=VOCAB, **TINY_DVAE)
-    weights = save_weights(root / "dvae.safetensors", DVAEWeights(encoder=dvae.encoder.state_dict(), arch=dvae.arch,
-                                                                  input_size=32))
-    out = build_token_cache(data / "train.json", DalleTokenizer(weights), root / "train_tokens.npy", image_size=32,
-                            crops=1, scale=(0.8, 1.0), weights=weights, log_every=0)
-    return {"source": "cache", "cache": str(out), "weights": str(weights), "dvae_input_size": 32, "vocab_size": VOCAB,
-            "cache_crop": "any", "block_mask": {"mask_ratio": 0.4, "min_num_patches": 2}}
+    weights = save_weights(
+        root / "dvae.safetensors", DVAEWeights(encoder=dvae.encoder.state_dict(), arch=dvae.arch, input_size=32)
+    )
+    out = build_token_cache(
+        data / "train.json",
+        DalleTokenizer(weights),
+        root / "train_tokens.npy",
+        image_size=32,
+        crops=1,
+        scale=(0.8, 1.0),
+        weights=weights,
+        log_every=0,
+    )
+    return {
+        "source": "cache",
+        "cache": str(out),
+        "weights": str(weights),
+        "dvae_input_size": 32,
+        "vocab_size": VOCAB,
+        "cache_crop": "any",
+        "block_mask": {"mask_ratio": 0.4, "min_num_patches": 2},
+    }
 
 
 def test_tiny_run_on_the_token_cache_logs_falling_cmvm_and_cmlm(make_cfg, token_cache):
-    cfg = with_tokens(make_cfg("objective=mvlm", "trainer.max_steps=8", "optim.scheduler.warmup_steps=1",
-                               "optim.optimizer.lr=2e-3", "trainer.limit_val_batches=0"), token_cache)
+    cfg = with_tokens(
+        make_cfg(
+            "objective=mvlm",
+            "trainer.max_steps=8",
+            "optim.scheduler.warmup_steps=1",
+            "optim.optimizer.lr=2e-3",
+            "trainer.limit_val_batches=0",
+        ),
+        token_cache,
+    )
     history = TermHistory(("cmvm", "cmlm", "cmvm_acc"))
     original = L.Trainer.__init__
 
@@ -270,11 +335,22 @@ def test_tiny_run_on_the_token_cache_logs_falling_cmvm_and_cmlm(make_cfg, token_
 
 @pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run_with_mvlm_on(make_cfg, tmp_path):
-    common = ("objective=mvlm", "trainer.deterministic=true", "trainer.check_val_every_n_epoch=null",
-              "trainer.val_check_interval=null", "trainer.limit_val_batches=0", "trainer.max_epochs=-1",
-              "data.train_transform.scale=[0.3,1.0]", "data.synthetic.num_train=64")
-    saving = ("callbacks.model_checkpoint.every_n_train_steps=5", "callbacks.model_checkpoint.monitor=null",
-              "callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.filename='s{step}'")
+    common = (
+        "objective=mvlm",
+        "trainer.deterministic=true",
+        "trainer.check_val_every_n_epoch=null",
+        "trainer.val_check_interval=null",
+        "trainer.limit_val_batches=0",
+        "trainer.max_epochs=-1",
+        "data.train_transform.scale=[0.3,1.0]",
+        "data.synthetic.num_train=64",
+    )
+    saving = (
+        "callbacks.model_checkpoint.every_n_train_steps=5",
+        "callbacks.model_checkpoint.monitor=null",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.filename='s{step}'",
+    )
     _, full = train(with_tokens(make_cfg(*common, "trainer.max_steps=15"), ONLINE_TOKENS))
     train(with_tokens(make_cfg(*common, *saving, "trainer.max_steps=7"), ONLINE_TOKENS))
     ckpt = tmp_path / "run" / "checkpoints" / "s5.ckpt"

@@ -1,4 +1,5 @@
 """Noisy pairs: an exact, seeded, recorded fraction of captions taken from other images."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,15 @@ from cots.data.noise import choose_noisy_pairs, write_noise_record
 
 
 def _entries(n_images: int, captions_per_image: int) -> list[ManifestEntry]:
-    return [ManifestEntry(Path(f"img{i}.png"), [f"image {i} caption {c}" for c in range(captions_per_image)]) for i in range(n_images)]
+    return [
+        ManifestEntry(Path(f"img{i}.png"), [f"image {i} caption {c}" for c in range(captions_per_image)])
+        for i in range(n_images)
+    ]
 
 
-@pytest.mark.parametrize("n_images,per_image,rate", [(50, 1, 0.2), (40, 5, 0.4), (7, 3, 0.5), (30, 2, 1.0), (100, 1, 0.011)])
+@pytest.mark.parametrize(
+    "n_images,per_image,rate", [(50, 1, 0.2), (40, 5, 0.4), (7, 3, 0.5), (30, 2, 1.0), (100, 1, 0.011)]
+)
 def test_exact_fraction_from_other_images_and_a_permutation_of_the_captions(n_images, per_image, rate):
     pairs = ImageTextPairs(_entries(n_images, per_image), transform=lambda x: x, noise_rate=rate, noise_seed=3)
     original = ImageTextPairs(_entries(n_images, per_image), transform=lambda x: x)

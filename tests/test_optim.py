@@ -1,4 +1,5 @@
 """Parameter groups: weight decay by parameter kind, learning-rate multipliers by name prefix."""
+
 from __future__ import annotations
 
 import functools
@@ -55,8 +56,14 @@ def test_fused_adamw_trains_under_bf16_autocast_with_gradient_clipping(make_cfg)
     """Lightning refuses to clip for a fused optimizer under bf16-mixed; the module clips itself (exact: no scaler)."""
     from cots.train import train
 
-    metrics, objects = train(make_cfg("optim.optimizer.fused=true", "trainer.precision=bf16-mixed",
-                                      "trainer.gradient_clip_val=1e-3", "trainer.max_steps=2"))
+    metrics, objects = train(
+        make_cfg(
+            "optim.optimizer.fused=true",
+            "trainer.precision=bf16-mixed",
+            "trainer.gradient_clip_val=1e-3",
+            "trainer.max_steps=2",
+        )
+    )
     optimizer = objects["trainer"].optimizers[0]
     assert optimizer.defaults["fused"] is True and objects["trainer"].global_step == 2
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]

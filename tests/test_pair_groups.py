@@ -1,4 +1,5 @@
 """Pair groups (``data.pair_groups``): pairs of one group are positives of each other in L_inst."""
+
 from __future__ import annotations
 
 import math
@@ -41,10 +42,13 @@ def test_grouped_loss_matches_float64_reference():
     valid = torch.ones(16, dtype=torch.bool)
     valid[13:] = False  # empty slots: never positives even where their group matches (slot 13 holds 9)
     tau = 0.1
-    out = instance_contrastive_loss(zv, zt, kv, kt, own, torch.tensor(tau), key_mask=valid,
-                                    query_groups=query_groups, key_groups=key_groups)
-    expected = (reference_grouped(zv, kt, own, query_groups, key_groups, tau, valid)
-                + reference_grouped(zt, kv, own, query_groups, key_groups, tau, valid)) / 2
+    out = instance_contrastive_loss(
+        zv, zt, kv, kt, own, torch.tensor(tau), key_mask=valid, query_groups=query_groups, key_groups=key_groups
+    )
+    expected = (
+        reference_grouped(zv, kt, own, query_groups, key_groups, tau, valid)
+        + reference_grouped(zt, kv, own, query_groups, key_groups, tau, valid)
+    ) / 2
     assert math.isclose(float(out["loss"]), expected, rel_tol=1e-6)
     # positives: 7 -> {0,1,5,9}, 7 -> same, 3 -> {2,6,11}, NO_GROUP -> itself only, 9 -> {4,12}
     assert float(out["positives"]) == pytest.approx((4 + 4 + 3 + 1 + 2) / 5)
@@ -54,8 +58,9 @@ def test_unique_groups_give_the_single_positive_loss_exactly():
     zv, zt, kv, kt = _features(1)
     own = torch.tensor([2, 0, 4, 1, 3])
     plain = instance_contrastive_loss(zv, zt, kv, kt, own, torch.tensor(0.07))
-    grouped = instance_contrastive_loss(zv, zt, kv, kt, own, torch.tensor(0.07),
-                                        query_groups=torch.arange(5) + 100, key_groups=torch.arange(16) + 200)
+    grouped = instance_contrastive_loss(
+        zv, zt, kv, kt, own, torch.tensor(0.07), query_groups=torch.arange(5) + 100, key_groups=torch.arange(16) + 200
+    )
     torch.testing.assert_close(grouped["loss"], plain["loss"])
     assert float(grouped["positives"]) == 1.0
 
@@ -70,8 +75,9 @@ def test_a_same_group_key_is_pulled_closer_instead_of_pushed_away():
     for groups, sign in ((None, -1), (torch.tensor([5]), 1)):
         q = query.clone().requires_grad_(True)
         key_groups = None if groups is None else torch.tensor([5] + [0] * 8 + [5] + [0] * 6)
-        out = instance_contrastive_loss(q, q, kv, kt, torch.tensor([0]), torch.tensor(0.1),
-                                        query_groups=groups, key_groups=key_groups)
+        out = instance_contrastive_loss(
+            q, q, kv, kt, torch.tensor([0]), torch.tensor(0.1), query_groups=groups, key_groups=key_groups
+        )
         (grad,) = torch.autograd.grad(out["i2t"], q)
         change = float(-grad[0] @ kt[twin])  # d(similarity to the twin) along the descent direction
         assert change * sign > 0, (groups, change)
@@ -87,8 +93,11 @@ def test_targets_rows_sum_to_one_and_keep_the_own_key():
 def test_caption_groups_are_stable_ids_of_the_text_and_image_groups_follow_the_image(tmp_path):
     assert caption_group("thumbs up") == caption_group("thumbs up") >= 0
     assert caption_group("thumbs up") != caption_group("thumbs down")
-    items = [{"caption": "thumbs up", "image_id": 0}, {"caption": "thumbs down", "image_id": 1},
-             {"caption": "thumbs up", "image_id": 2}]
+    items = [
+        {"caption": "thumbs up", "image_id": 0},
+        {"caption": "thumbs down", "image_id": 1},
+        {"caption": "thumbs up", "image_id": 2},
+    ]
     by_caption = pair_groups(items, "caption")
     assert by_caption[0] == by_caption[2] != by_caption[1]
     assert pair_groups(items, "image").tolist() == [0, 1, 2]

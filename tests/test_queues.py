@@ -1,4 +1,5 @@
 """Ring queues: wrap-around, order, and the fill count."""
+
 from __future__ import annotations
 
 import pytest

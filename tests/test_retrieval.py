@@ -1,4 +1,5 @@
 """Recall@K against a brute-force reference built from full argsorts."""
+
 from __future__ import annotations
 
 import numpy as np

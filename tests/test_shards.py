@@ -1,4 +1,5 @@
 """WebDataset shards: conversion, exact epochs over ranks x workers, resampling, resume, bad samples."""
+
 from __future__ import annotations
 
 import io
@@ -28,7 +29,9 @@ TRANSFORM = build_train_transform(16)
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     """24 training images of 16 px, 3 captions each: 72 pairs."""
-    return ensure_synthetic_dataset(tmp_path_factory.mktemp("shards") / "syn", num_train=24, num_val=2, num_test=2, image_size=16)
+    return ensure_synthetic_dataset(
+        tmp_path_factory.mktemp("shards") / "syn", num_train=24, num_val=2, num_test=2, image_size=16
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,9 @@ def _indices(items: list[dict]) -> list[int]:
     return [item["index"] for item in items]
 
 
-def _epoch(shard_dir: Path, world: int, workers: int, epoch: int = 0, batch_size: int = 1, **kwargs) -> list[list[list[int]]]:
+def _epoch(
+    shard_dir: Path, world: int, workers: int, epoch: int = 0, batch_size: int = 1, **kwargs
+) -> list[list[list[int]]]:
     """Per rank, the batches (lists of pair indices) of one epoch, each rank with its own DataLoader."""
     ranks = []
     for rank in range(world):
@@ -75,7 +80,9 @@ def test_conversion_writes_pairs_with_original_bytes(synthetic: Path, shard_dir:
     assert sorted(keys) == list(range(72))
     assert keys != sorted(keys)  # written in a seeded order, not manifest order
     # Read from the middle: skipped members are passed over, the rest come in file order.
-    assert [s["__key__"] for s in read_shard(index.paths[0], 2, 3)] == [s["__key__"] for s in read_shard(index.paths[0])][2:5]
+    assert [s["__key__"] for s in read_shard(index.paths[0], 2, 3)] == [
+        s["__key__"] for s in read_shard(index.paths[0])
+    ][2:5]
 
 
 def test_epoch_over_2_ranks_x_2_workers_sees_every_pair_once(shard_dir: Path) -> None:
@@ -169,7 +176,9 @@ def test_crops_and_captions_match_the_map_style_dataset(synthetic: Path, shard_d
 def test_loader_hands_the_epoch_to_persistent_workers(shard_dir: Path) -> None:
     epoch = [0]
     pairs = ShardPairs(shard_dir, TRANSFORM, rank=0, world_size=2, seed=0, shuffle_buffer=4)
-    loader = ShardLoader(pairs, batch_size=1, num_workers=2, persistent_workers=True, collate_fn=_indices, epoch=lambda: epoch[0])
+    loader = ShardLoader(
+        pairs, batch_size=1, num_workers=2, persistent_workers=True, collate_fn=_indices, epoch=lambda: epoch[0]
+    )
     assert list(loader) == _epoch(shard_dir, world=2, workers=2, epoch=0)[0]
     epoch[0] = 1
     assert list(loader) == _epoch(shard_dir, world=2, workers=2, epoch=1)[0]
@@ -222,16 +231,32 @@ def test_training_streams_from_shards_and_resumes_exactly(make_cfg, tmp_path, da
     from cots.prepare.shard_writer import write_shards
     from cots.train import train
 
-    train(make_cfg("trainer.max_steps=1", "trainer.limit_val_batches=0", "trainer.check_val_every_n_epoch=null",
-                   "data.synthetic.num_train=64"))  # builds the synthetic set
+    train(
+        make_cfg(
+            "trainer.max_steps=1",
+            "trainer.limit_val_batches=0",
+            "trainer.check_val_every_n_epoch=null",
+            "data.synthetic.num_train=64",
+        )
+    )  # builds the synthetic set
     shards = tmp_path / "shards"
     write_shards(data_dir / "synthetic-64-64" / "train.json", shards, shard_size=20)
-    common = ("data.synthetic.num_train=64", f"data.train_shards={shards}", "trainer.limit_val_batches=0",
-              "trainer.check_val_every_n_epoch=null", "trainer.max_epochs=-1", "trainer.deterministic=true")
+    common = (
+        "data.synthetic.num_train=64",
+        f"data.train_shards={shards}",
+        "trainer.limit_val_batches=0",
+        "trainer.check_val_every_n_epoch=null",
+        "trainer.max_epochs=-1",
+        "trainer.deterministic=true",
+    )
     _, full = train(make_cfg(*common, "trainer.max_steps=16"))
     assert full["trainer"].num_training_batches == 192 // 16  # 64 images x 3 captions, batch 16
-    saving = ("callbacks.model_checkpoint.every_n_train_steps=5", "callbacks.model_checkpoint.monitor=null",
-              "callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.filename='s{step}'")
+    saving = (
+        "callbacks.model_checkpoint.every_n_train_steps=5",
+        "callbacks.model_checkpoint.monitor=null",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.filename='s{step}'",
+    )
     train(make_cfg(*common, *saving, "trainer.max_steps=6"))
     _, resumed = train(make_cfg(*common, "trainer.max_steps=16", f"ckpt_path={tmp_path / 'run/checkpoints/s5.ckpt'}"))
     expected, got = full["module"].model.state_dict(), resumed["module"].model.state_dict()

@@ -1,4 +1,5 @@
 """Speed switches change speed only: activation checkpointing and torch.compile give the eager step's numbers."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,11 @@ def _batch(batch: int = 8, length: int = 9) -> dict:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 200, (batch, length), generator=gen)
     ids[:, 0], ids[:, -1] = 2, 3
-    return {"images": torch.randn(batch, 3, 32, 32, generator=gen), "input_ids": ids,
-            "attention_mask": torch.ones_like(ids)}
+    return {
+        "images": torch.randn(batch, 3, 32, 32, generator=gen),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+    }
 
 
 def _loss_and_grads(module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -30,9 +34,14 @@ def _build(cfg):
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(make_cfg):
     eager = _build(make_cfg(*NO_DROPOUT, "model.encoder.text_tower.num_layers=2"))
-    checkpointed = _build(make_cfg(*NO_DROPOUT, "model.encoder.text_tower.num_layers=2",
-                                   "model.encoder.image_tower.grad_checkpointing=true",
-                                   "model.encoder.text_tower.grad_checkpointing=true"))
+    checkpointed = _build(
+        make_cfg(
+            *NO_DROPOUT,
+            "model.encoder.text_tower.num_layers=2",
+            "model.encoder.image_tower.grad_checkpointing=true",
+            "model.encoder.text_tower.grad_checkpointing=true",
+        )
+    )
     assert checkpointed.model.encoder.image_tower.vit.grad_checkpointing
     bert = checkpointed.model.encoder.text_tower.bert
     assert getattr(bert, "is_activation_checkpointing", None) or bert.is_gradient_checkpointing
@@ -48,8 +57,12 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(make_cfg):
 def test_compiled_towers_keep_parameter_names_and_the_eager_numbers(make_cfg):
     eager = _build(make_cfg(*NO_DROPOUT))
     compiled = _build(make_cfg(*NO_DROPOUT, "module.compile={backend: aot_eager}"))
-    towers = [compiled.model.encoder.image_tower, compiled.model.encoder.text_tower,
-              compiled.model.momentum_encoder.image_tower, compiled.model.momentum_encoder.text_tower]
+    towers = [
+        compiled.model.encoder.image_tower,
+        compiled.model.encoder.text_tower,
+        compiled.model.momentum_encoder.image_tower,
+        compiled.model.momentum_encoder.text_tower,
+    ]
     assert all(tower._compiled_call_impl is not None for tower in towers)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints load either way
     batch = _batch()

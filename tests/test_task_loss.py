@@ -1,4 +1,5 @@
 """L_task against the formula of METHOD §5 (float64 loops), its zero, its directions and its gradients."""
+
 from __future__ import annotations
 
 import math
@@ -20,13 +21,16 @@ def reference_task(zv, zt, mv, mt, qv, qt, tau, valid, direction, w):
         return [math.exp(x - top) / z for x in logits]
 
     def kl(p, q):
-        return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q) if a > 0)
+        return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q, strict=False) if a > 0)
 
     total = 0.0
     for i in range(zv.shape[0]):
         p_i2t, p_t2i = dist(zv[i], mt[i], qt), dist(zt[i], mv[i], qv)
-        value = {"i2t||t2i": kl(p_i2t, p_t2i), "t2i||i2t": kl(p_t2i, p_i2t),
-                 "symmetric": (kl(p_i2t, p_t2i) + kl(p_t2i, p_i2t)) / 2}[direction]
+        value = {
+            "i2t||t2i": kl(p_i2t, p_t2i),
+            "t2i||i2t": kl(p_t2i, p_i2t),
+            "symmetric": (kl(p_i2t, p_t2i) + kl(p_t2i, p_i2t)) / 2,
+        }[direction]
         total += float(w[i]) * value
     return total / float(w.sum())
 
@@ -71,7 +75,9 @@ def test_zero_for_identical_distributions_positive_otherwise(direction):
     other = task_kl_loss(z, _unit(6, 8, generator=g), m, m, q, q, torch.tensor(0.07), valid, direction)
     assert float(other["loss"]) > 1e-3
     # an empty queue leaves one candidate: both distributions are one-hot
-    empty = task_kl_loss(z, _unit(6, 8, generator=g), m, m, q, q, torch.tensor(0.07), torch.zeros(16, dtype=torch.bool), direction)
+    empty = task_kl_loss(
+        z, _unit(6, 8, generator=g), m, m, q, q, torch.tensor(0.07), torch.zeros(16, dtype=torch.bool), direction
+    )
     assert float(empty["loss"]) == 0.0
 
 
@@ -98,11 +104,24 @@ def test_gradients_reach_both_towers_and_the_temperature(make_cfg):
     model.enqueue(model(images, ids, mask))  # a non-empty queue: otherwise the KL is 0 identically
     features = model(images, ids, mask)
     image_queue, text_queue, valid = features.keys.queue()
-    loss = task_kl_loss(features.image.embedding, features.text.embedding, features.image_momentum, features.text_momentum,
-                        image_queue, text_queue, features.temperature, valid)["loss"]
+    loss = task_kl_loss(
+        features.image.embedding,
+        features.text.embedding,
+        features.image_momentum,
+        features.text_momentum,
+        image_queue,
+        text_queue,
+        features.temperature,
+        valid,
+    )["loss"]
     assert float(loss) > 0
     loss.backward()
-    for tower in (model.encoder.image_tower, model.encoder.image_proj, model.encoder.text_tower, model.encoder.text_proj):
+    for tower in (
+        model.encoder.image_tower,
+        model.encoder.image_proj,
+        model.encoder.text_tower,
+        model.encoder.text_proj,
+    ):
         assert sum(float(p.grad.abs().sum()) for p in tower.parameters() if p.grad is not None) > 0, tower
     assert model.log_temperature.grad is not None and float(model.log_temperature.grad) != 0
     assert all(p.grad is None for p in model.momentum_encoder.parameters())
@@ -118,8 +137,16 @@ def test_objective_switches_weight_and_fixed_temperature(make_cfg, monkeypatch):
     image_queue, text_queue, valid = features.keys.queue()
 
     def task_at(tau: float) -> float:
-        return task_kl_loss(features.image.embedding, features.text.embedding, features.image_momentum,
-                            features.text_momentum, image_queue, text_queue, torch.tensor(tau), valid)["loss"].item()
+        return task_kl_loss(
+            features.image.embedding,
+            features.text.embedding,
+            features.image_momentum,
+            features.text_momentum,
+            image_queue,
+            text_queue,
+            torch.tensor(tau),
+            valid,
+        )["loss"].item()
 
     assert terms["task"].item() == pytest.approx(task_at(0.2), rel=1e-6)  # tau_task = 0.2, not the model's tau
     assert task_at(0.2) != pytest.approx(task_at(float(model.temperature())), rel=1e-3)

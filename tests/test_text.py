@@ -1,4 +1,5 @@
 """Caption tokenizers: trained WordPiece (deterministic), local pretrained directory."""
+
 from __future__ import annotations
 
 import pytest

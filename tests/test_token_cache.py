@@ -1,4 +1,5 @@
 """Token cache (METHOD §4): build with the CLI, read aligned with the crop, equal to online tokens, mismatches named."""
+
 from __future__ import annotations
 
 import json
@@ -40,20 +41,47 @@ def setup(tmp_path_factory) -> dict:
         # input filters make it respond to edges and colours, a larger output layer widens top-2 gaps.
         dvae.encoder.blocks.input.w.sub_(dvae.encoder.blocks.input.w.mean(dim=(1, 2, 3), keepdim=True))
         dvae.encoder.blocks.output.conv.w.mul_(10)
-    weights = save_weights(root / "dvae.safetensors",
-                           DVAEWeights(encoder=dvae.encoder.state_dict(), arch=dvae.arch, input_size=DVAE_SIZE))
+    weights = save_weights(
+        root / "dvae.safetensors", DVAEWeights(encoder=dvae.encoder.state_dict(), arch=dvae.arch, input_size=DVAE_SIZE)
+    )
     out = root / "cache" / "train_tokens.npy"
     manifest = data / "train.json"
-    args = ["cache", "--manifest", str(manifest), "--weights", str(weights), "--image-size", str(VIT_SIZE),
-            "--patch-size", str(PATCH), "--out", str(out), "--crops", "2", "--crop-scale", "0.3", "0.8",
-            "--seed", "7", "--batch-size", "4"]
+    args = [
+        "cache",
+        "--manifest",
+        str(manifest),
+        "--weights",
+        str(weights),
+        "--image-size",
+        str(VIT_SIZE),
+        "--patch-size",
+        str(PATCH),
+        "--out",
+        str(out),
+        "--crops",
+        "2",
+        "--crop-scale",
+        "0.3",
+        "0.8",
+        "--seed",
+        "7",
+        "--batch-size",
+        "4",
+    ]
     assert cli_main(args) == 0
     return {"root": root, "manifest": manifest, "weights": weights, "out": out, "dvae": DalleTokenizer(weights)}
 
 
 def test_cache_round_trip_equals_online_tokens(setup):
-    cache = TokenCache(setup["out"], manifest=setup["manifest"], weights=setup["weights"], num_images=10, grid=GRID,
-                       vocab_size=64, dvae_input_size=DVAE_SIZE)
+    cache = TokenCache(
+        setup["out"],
+        manifest=setup["manifest"],
+        weights=setup["weights"],
+        num_images=10,
+        grid=GRID,
+        vocab_size=64,
+        dvae_input_size=DVAE_SIZE,
+    )
     assert (len(cache), cache.variants, cache.crops, cache.grid) == (10, 3, 2, (GRID, GRID))
     assert cache.tokens.dtype == np.uint16
     meta = json.loads(setup["out"].with_suffix(".json").read_text())
@@ -91,8 +119,11 @@ def test_datasets_serve_tokens_aligned_with_the_crop(setup):
         entry_index = cached.pairs[pair_index][0]
         # Which variant was served: the one whose tokens and box reproduce the item.
         image = image_to_uint8(load_rgb(entries[entry_index].image))
-        matches = [v for v in range(3)
-                   if torch.equal(item["image"], normalize_imagenet(crop_view(image, cache.box(entry_index, v), VIT_SIZE)))]
+        matches = [
+            v
+            for v in range(3)
+            if torch.equal(item["image"], normalize_imagenet(crop_view(image, cache.box(entry_index, v), VIT_SIZE)))
+        ]
         assert len(matches) == 1
         variants.add(matches[0])
         assert torch.equal(item["image_tokens"], cache[entry_index, matches[0]])
@@ -113,10 +144,18 @@ def test_collate_and_factory(setup):
     entries = load_manifest(setup["manifest"])
     captions = [c for e in entries for c in e.captions]
     text = TextTokenizer(train_wordpiece(captions, vocab_size=80), max_length=24)
-    image_tokens = {"source": "cache", "cache": str(setup["out"]), "weights": str(setup["weights"]),
-                    "dvae_input_size": DVAE_SIZE, "vocab_size": 64, "cache_crop": "random",
-                    "block_mask": {"mask_ratio": 0.4, "min_num_patches": 4}}
-    pairs = build_token_pairs(entries, VIT_SIZE, 0, image_tokens, {"scale": [0.5, 1.0], "hflip": 0.0}, str(setup["manifest"]))
+    image_tokens = {
+        "source": "cache",
+        "cache": str(setup["out"]),
+        "weights": str(setup["weights"]),
+        "dvae_input_size": DVAE_SIZE,
+        "vocab_size": 64,
+        "cache_crop": "random",
+        "block_mask": {"mask_ratio": 0.4, "min_num_patches": 4},
+    }
+    pairs = build_token_pairs(
+        entries, VIT_SIZE, 0, image_tokens, {"scale": [0.5, 1.0], "hflip": 0.0}, str(setup["manifest"])
+    )
     collate = MVLMCollate(text, TextMasker.from_tokenizer(text))
     batch = collate([pairs[(i, 0)] for i in range(6)])
     assert batch["images"].shape == (6, 3, VIT_SIZE, VIT_SIZE)
@@ -126,11 +165,19 @@ def test_collate_and_factory(setup):
     assert batch["mlm_input_ids"].shape == batch["input_ids"].shape == batch["mlm_labels"].shape
     assert ((batch["mlm_labels"] != IGNORE_INDEX).sum(dim=1) >= 1).all()
     again = collate([pairs[(i, 0)] for i in range(6)])
-    assert torch.equal(again["mlm_input_ids"], batch["mlm_input_ids"]) and torch.equal(again["patch_mask"], batch["patch_mask"])
+    assert torch.equal(again["mlm_input_ids"], batch["mlm_input_ids"]) and torch.equal(
+        again["patch_mask"], batch["patch_mask"]
+    )
 
-    online = build_token_pairs(entries, VIT_SIZE, 0, {"source": "online", "dvae_input_size": DVAE_SIZE, "block_mask": None})
+    online = build_token_pairs(
+        entries, VIT_SIZE, 0, {"source": "online", "dvae_input_size": DVAE_SIZE, "block_mask": None}
+    )
     batch = MVLMCollate(text)([online[i] for i in range(4)])
-    assert batch["images_dvae"].shape == (4, 3, DVAE_SIZE, DVAE_SIZE) and "patch_mask" not in batch and "mlm_labels" not in batch
+    assert (
+        batch["images_dvae"].shape == (4, 3, DVAE_SIZE, DVAE_SIZE)
+        and "patch_mask" not in batch
+        and "mlm_labels" not in batch
+    )
     with pytest.raises(ValueError, match="hflip"):
         build_token_pairs(entries, VIT_SIZE, 0, image_tokens, {"hflip": 0.5})
 
@@ -142,8 +189,10 @@ def test_mismatches_are_named(setup, tmp_path):
     edited.write_text(json.dumps(data[:-1]))
     with pytest.raises(TokenCacheError, match=rf"{out}.*does not match {edited}: the manifest sha1"):
         TokenCache(out, manifest=edited)
-    other_weights = save_weights(tmp_path / "other.safetensors", DVAEWeights(
-        encoder=DalleTokenizer(input_size=DVAE_SIZE, **TINY).encoder.state_dict(), arch=setup["dvae"].arch))
+    other_weights = save_weights(
+        tmp_path / "other.safetensors",
+        DVAEWeights(encoder=DalleTokenizer(input_size=DVAE_SIZE, **TINY).encoder.state_dict(), arch=setup["dvae"].arch),
+    )
     with pytest.raises(TokenCacheError, match=rf"does not match {other_weights}: the dVAE weights sha1"):
         TokenCache(out, weights=other_weights)
     with pytest.raises(TokenCacheError, match=r"the token grid is \(4, 4\) in the cache but \(24, 24\) now"):
@@ -160,8 +209,21 @@ def test_mismatches_are_named(setup, tmp_path):
 
 
 def test_cli_rejects_a_grid_mismatch(setup, tmp_path, capsys):
-    args = ["cache", "--manifest", str(setup["manifest"]), "--weights", str(setup["weights"]), "--image-size", "64",
-            "--patch-size", "8", "--dvae-size", str(DVAE_SIZE), "--out", str(tmp_path / "t.npy")]
+    args = [
+        "cache",
+        "--manifest",
+        str(setup["manifest"]),
+        "--weights",
+        str(setup["weights"]),
+        "--image-size",
+        "64",
+        "--patch-size",
+        "8",
+        "--dvae-size",
+        str(DVAE_SIZE),
+        "--out",
+        str(tmp_path / "t.npy"),
+    ]
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert "--image-size / --patch-size = 64 / 8 = 8" in err and "--dvae-size=64" in err

@@ -1,4 +1,5 @@
 """End-to-end runs of the real config on tiny towers: smoke, overfit, EMA, resume, eval, start-up checks."""
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,8 @@ def test_momentum_moves_once_per_optimizer_step_under_accumulation(make_cfg, mon
         online = [p.detach().clone() for p in self.encoder.parameters()]
         original(self, m)
         after = list(self.momentum_encoder.parameters())
-        expected = [m * b + (1 - m) * o for b, o in zip(before, online)]
-        calls.append(max((a - e).abs().max().item() for a, e in zip(after, expected)))
+        expected = [m * b + (1 - m) * o for b, o in zip(before, online, strict=False)]
+        calls.append(max((a - e).abs().max().item() for a, e in zip(after, expected, strict=False)))
 
     monkeypatch.setattr(COTSModel, "momentum_update", counting)
     cfg = make_cfg("trainer.accumulate_grad_batches=2", "trainer.max_steps=2", "module.momentum=0.9")
@@ -73,12 +74,22 @@ def _state(module) -> dict[str, torch.Tensor]:
 def test_resume_reproduces_an_uninterrupted_run(make_cfg, tmp_path):
     # 64 images x 3 captions / batch 16 = 12 steps per epoch: a checkpoint at step 5 (mid-epoch),
     # then resume to step 20 (through the next epoch).
-    common = ("trainer.deterministic=true", "trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=null",
-              "trainer.limit_val_batches=0", "trainer.max_epochs=-1", "data.train_transform.scale=[0.3,1.0]",
-              "data.synthetic.num_train=64")
+    common = (
+        "trainer.deterministic=true",
+        "trainer.check_val_every_n_epoch=null",
+        "trainer.val_check_interval=null",
+        "trainer.limit_val_batches=0",
+        "trainer.max_epochs=-1",
+        "data.train_transform.scale=[0.3,1.0]",
+        "data.synthetic.num_train=64",
+    )
     _, full = train(make_cfg(*common, "trainer.max_steps=20"))
-    saving = ("callbacks.model_checkpoint.every_n_train_steps=5", "callbacks.model_checkpoint.monitor=null",
-              "callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.filename='s{step}'")
+    saving = (
+        "callbacks.model_checkpoint.every_n_train_steps=5",
+        "callbacks.model_checkpoint.monitor=null",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.filename='s{step}'",
+    )
     train(make_cfg(*common, *saving, "trainer.max_steps=7"))
     ckpt = tmp_path / "run" / "checkpoints" / "s5.ckpt"
     _, resumed = train(make_cfg(*common, "trainer.max_steps=20", f"ckpt_path={ckpt}"))
@@ -114,14 +125,24 @@ def test_checkpoint_holds_no_pickled_objects_and_cots_eval_reads_it(make_cfg, tm
     assert objects["module"].last_retrieval == pytest.approx(table)
     # "score this checkpoint on that manifest" is one override: the rest comes from the checkpoint
     other = objects["datamodule"].manifests["val"]
-    on_other = evaluate(make_cfg(f"ckpt_path={ckpt}", f"data.test_manifest={other}", "accelerator=cpu",
-                                 config_name="eval"))
+    on_other = evaluate(
+        make_cfg(f"ckpt_path={ckpt}", f"data.test_manifest={other}", "accelerator=cpu", config_name="eval")
+    )
     objects["trainer"].test(objects["module"], dataloaders=objects["datamodule"].gallery_loaders("val"), verbose=False)
     assert on_other == pytest.approx(objects["module"].last_retrieval) and on_other != pytest.approx(table)
     # a data option works too (its ${seed} and paths resolve; the image size stays the checkpoint's)
-    with_option = evaluate(make_cfg(f"ckpt_path={ckpt}", "data=synthetic", "data.image_size=64",
-                                    "data.synthetic.num_train=8", f"data.test_manifest={other}",
-                                    f"paths.data_dir={tmp_path}/elsewhere", "accelerator=cpu", config_name="eval"))
+    with_option = evaluate(
+        make_cfg(
+            f"ckpt_path={ckpt}",
+            "data=synthetic",
+            "data.image_size=64",
+            "data.synthetic.num_train=8",
+            f"data.test_manifest={other}",
+            f"paths.data_dir={tmp_path}/elsewhere",
+            "accelerator=cpu",
+            config_name="eval",
+        )
+    )
     assert with_option == pytest.approx(on_other)
 
 

@@ -1,4 +1,5 @@
 """ViLEM error modeling (METHOD §7): edits and labels, the loss, the interaction's isolation from retrieval."""
+
 from __future__ import annotations
 
 import pytest
@@ -45,6 +46,7 @@ def _edit(ids, attention, logits_fn, ratio=0.15, top_k=5, seed=0):
 
 def test_edits_match_their_labels_and_never_touch_special_tokens_or_keep_the_original():
     ids, attention = _captions(batch=256)
+
     # A generator that prefers the original token and the special ids: both must still never be drawn.
     def biased(masked, chosen):
         logits = torch.randn(int(chosen.sum()), VOCAB, generator=torch.Generator().manual_seed(1))
@@ -62,7 +64,9 @@ def test_edits_match_their_labels_and_never_touch_special_tokens_or_keep_the_ori
     assert not torch.isin(edited.input_ids[replaced], torch.tensor(SPECIAL)).any()
     assert torch.equal(masked[replaced], torch.full_like(masked[replaced], MASK))  # the generator read [MASK]
     # Labels: detection 1/0 on every real word, ignored on special and padding; correction = the original id.
-    assert torch.equal(edited.detection_labels[special], torch.full_like(edited.detection_labels[special], IGNORE_INDEX))
+    assert torch.equal(
+        edited.detection_labels[special], torch.full_like(edited.detection_labels[special], IGNORE_INDEX)
+    )
     assert torch.equal(edited.detection_labels[~special], replaced[~special].long())
     assert torch.equal(edited.correction_labels[replaced], ids[replaced])
     assert (edited.correction_labels[~replaced] == IGNORE_INDEX).all()
@@ -86,7 +90,9 @@ def test_sampling_follows_the_generator_within_the_top_k():
     logits[:, 5], logits[:, 6], logits[:, 7] = torch.log(torch.tensor([0.7, 0.2, 0.1]))
     logits[:, 4] = 10.0  # the original: removed
     originals = torch.full((20000,), 4)
-    picks = sample_replacements(logits, originals, top_k=2, forbidden_ids=[0], generator=torch.Generator().manual_seed(0))
+    picks = sample_replacements(
+        logits, originals, top_k=2, forbidden_ids=[0], generator=torch.Generator().manual_seed(0)
+    )
     counts = torch.bincount(picks, minlength=8).float() / len(picks)
     assert counts[7] == 0 and counts[4] == 0
     assert abs(float(counts[5]) - 0.7 / 0.9) < 0.02, counts
@@ -96,7 +102,9 @@ def test_a_diverging_generator_still_gives_valid_edits():
     logits = torch.full((6, 12), float("nan"))
     logits[0] = float("inf")
     originals = torch.arange(6) + 5
-    picks = sample_replacements(logits, originals, top_k=3, forbidden_ids=SPECIAL, generator=torch.Generator().manual_seed(0))
+    picks = sample_replacements(
+        logits, originals, top_k=3, forbidden_ids=SPECIAL, generator=torch.Generator().manual_seed(0)
+    )
     assert (picks != originals).all() and not torch.isin(picks, torch.tensor(SPECIAL)).any()
     with pytest.raises(ValueError, match="no allowed replacement"):
         sample_replacements(torch.randn(2, 6), torch.tensor([5, 5]), 3, forbidden_ids=SPECIAL)
@@ -121,14 +129,20 @@ def test_vilem_loss_matches_a_float64_reference():
     assert torch.isclose(out["detection_accuracy"], ((x > 0).double() == y).double().mean().float())
     assert torch.isclose(out["correction_accuracy"], (cor.argmax(1) == targets).float().mean())
     # A global denominator (DDP) rescales each term by local count / denominator.
-    scaled = vilem_loss(det, edited.detection_labels, cor, edited.correction_labels,
-                        2.0 * scored.sum(), 2.0 * edited.replaced.sum())
+    scaled = vilem_loss(
+        det, edited.detection_labels, cor, edited.correction_labels, 2.0 * scored.sum(), 2.0 * edited.replaced.sum()
+    )
     assert torch.allclose(scaled["loss"], out["loss"] / 2)
 
 
 def _vilem_cfg(make_cfg, *overrides: str):
-    cfg = make_cfg("objective=vilem", "model.encoder.text_tower.num_layers=2", "objective.vilem.layers=1",
-                   "objective.vilem.num_heads=4", *overrides)
+    cfg = make_cfg(
+        "objective=vilem",
+        "model.encoder.text_tower.num_layers=2",
+        "objective.vilem.layers=1",
+        "objective.vilem.num_heads=4",
+        *overrides,
+    )
     with open_dict(cfg):
         cfg.data.text_mask = TEXT_MASK
     return cfg
@@ -141,8 +155,13 @@ def _build(cfg):
 def _batch(batch: int = 8):
     ids, attention = _captions(batch=batch, length=10)
     images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    return {"images": images, "input_ids": ids, "attention_mask": attention,
-            "mlm_input_ids": ids.clone(), "mlm_labels": torch.where(ids > SEP, ids, torch.full_like(ids, IGNORE_INDEX))}
+    return {
+        "images": images,
+        "input_ids": ids,
+        "attention_mask": attention,
+        "mlm_input_ids": ids.clone(),
+        "mlm_labels": torch.where(ids > SEP, ids, torch.full_like(ids, IGNORE_INDEX)),
+    }
 
 
 def test_interaction_trains_only_through_vilem_and_only_the_first_m1_text_layers(make_cfg):
@@ -164,12 +183,14 @@ def test_interaction_trains_only_through_vilem_and_only_the_first_m1_text_layers
 
     terms["vilem"].backward()
     layers = model.encoder.text_tower.bert.encoder.layer
-    for name, param in (("cross-attention query", head.cross_attention[0].query.weight),
-                        ("cross-attention out", head.cross_attention[0].out.weight),
-                        ("global injection", head.inject.proj.weight),
-                        ("detector", head.detector[1].weight),
-                        ("text layer 0", layers[0].attention.self.query.weight),
-                        ("image tower (patches and [CLS])", model.encoder.image_tower.vit.blocks[0].attn.qkv.weight)):
+    for name, param in (
+        ("cross-attention query", head.cross_attention[0].query.weight),
+        ("cross-attention out", head.cross_attention[0].out.weight),
+        ("global injection", head.inject.proj.weight),
+        ("detector", head.detector[1].weight),
+        ("text layer 0", layers[0].attention.self.query.weight),
+        ("image tower (patches and [CLS])", model.encoder.image_tower.vit.blocks[0].attn.qkv.weight),
+    ):
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert layers[1].attention.self.query.weight.grad is None, "a text layer above M1 got a ViLEM gradient"
     assert model.encoder.text_proj.weight.grad is None and model.encoder.image_proj.weight.grad is None
@@ -199,8 +220,14 @@ def test_vilem_terms_divide_by_the_global_mean_counts(make_cfg, monkeypatch):
     batch = _batch()
     with torch.no_grad():
         features = model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        edited, predicted = predict_caption_errors(model, module.step.caption_editor, batch["input_ids"],
-                                                   batch["attention_mask"], features.image.cls, features.image.tokens)
+        edited, predicted = predict_caption_errors(
+            model,
+            module.step.caption_editor,
+            batch["input_ids"],
+            batch["attention_mask"],
+            features.image.cls,
+            features.image.tokens,
+        )
         single = objective.error_terms(edited, predicted)
         # Two ranks, the other with twice this rank's counts: mean count 3/2 x local, accuracies stay local.
         monkeypatch.setattr(distributed, "world_size", lambda: 2)
@@ -223,17 +250,26 @@ def test_first_layers_path_equals_the_tower_with_every_layer(make_cfg):
 
 
 def test_a_local_masked_lm_can_generate_the_errors(make_cfg, tmp_path):
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
     BertForMaskedLM(config).save_pretrained(tmp_path / "mlm")
-    module = _build(_vilem_cfg(make_cfg, f"objective.vilem.generator={tmp_path / 'mlm'}", "objective.cmlm.enabled=false"))
+    module = _build(
+        _vilem_cfg(make_cfg, f"objective.vilem.generator={tmp_path / 'mlm'}", "objective.cmlm.enabled=false")
+    )
     assert module.model.cmlm_head is None
     ids, attention = _captions(batch=8)
     edited = module.step.caption_editor(module.model, ids, attention, torch.zeros(8, 48))
     assert edited.replaced.any() and (edited.input_ids[edited.replaced] != ids[edited.replaced]).all()
 
-    BertForMaskedLM(BertConfig(vocab_size=VOCAB + 1, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64)).save_pretrained(tmp_path / "other")
-    other = _build(_vilem_cfg(make_cfg, f"objective.vilem.generator={tmp_path / 'other'}", "objective.cmlm.enabled=false"))
+    BertForMaskedLM(
+        BertConfig(
+            vocab_size=VOCAB + 1, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        )
+    ).save_pretrained(tmp_path / "other")
+    other = _build(
+        _vilem_cfg(make_cfg, f"objective.vilem.generator={tmp_path / 'other'}", "objective.cmlm.enabled=false")
+    )
     with pytest.raises(ValueError, match="vocabulary"):
         other.step.caption_editor(other.model, ids, attention, torch.zeros(8, 48))
 
@@ -249,10 +285,17 @@ def test_a_generator_that_cannot_work_is_refused_at_start_up(make_cfg, tmp_path)
 
 
 def test_training_with_vilem_logs_its_terms_and_validation_accuracies(make_cfg):
-    metrics, objects = train(_vilem_cfg(make_cfg, "trainer.max_steps=3", "trainer.val_check_interval=3",
-                                      "objective.vilem.val_images=20"))
-    for name in ("train/vilem", "train/vilem_det_acc", "train/vilem_cor_acc", "val/vilem_det_acc", "val/vilem_cor_acc",
-                 "val/vilem_det_majority"):
+    metrics, objects = train(
+        _vilem_cfg(make_cfg, "trainer.max_steps=3", "trainer.val_check_interval=3", "objective.vilem.val_images=20")
+    )
+    for name in (
+        "train/vilem",
+        "train/vilem_det_acc",
+        "train/vilem_cor_acc",
+        "val/vilem_det_acc",
+        "val/vilem_cor_acc",
+        "val/vilem_det_majority",
+    ):
         assert name in metrics, (name, sorted(metrics))
     assert metrics["train/vilem"] > 0  # and finite
     # The validation accuracies are those of the final model on seeded edits of the captions of the first
@@ -271,14 +314,26 @@ def test_training_with_vilem_logs_its_terms_and_validation_accuracies(make_cfg):
                 continue
             index = batch["image_index"][own]
             generator = torch.Generator().manual_seed(1000003 * (batch_idx + 1))
-            edited, predicted = predict_caption_errors(model, module.step.caption_editor, batch["input_ids"][own],
-                                                       batch["attention_mask"][own], image_global[index],
-                                                       image_patches[index], generator)
+            edited, predicted = predict_caption_errors(
+                model,
+                module.step.caption_editor,
+                batch["input_ids"][own],
+                batch["attention_mask"][own],
+                image_global[index],
+                image_patches[index],
+                generator,
+            )
             scored = edited.detection_labels != IGNORE_INDEX
             right = (predicted.detection_logits > 0).long() == edited.detection_labels
             originals = edited.correction_labels[edited.replaced]
-            counts += torch.tensor([right[scored].sum(), scored.sum(),
-                                    (predicted.correction_logits.argmax(1) == originals).sum(), len(originals)]).float()
+            counts += torch.tensor(
+                [
+                    right[scored].sum(),
+                    scored.sum(),
+                    (predicted.correction_logits.argmax(1) == originals).sum(),
+                    len(originals),
+                ]
+            ).float()
     assert counts[1] > counts[3] > 0
     assert metrics["val/vilem_det_acc"] == pytest.approx(100 * float(counts[0] / counts[1]), abs=1e-3)
     assert metrics["val/vilem_cor_acc"] == pytest.approx(100 * float(counts[2] / counts[3]), abs=1e-3)

@@ -6,6 +6,7 @@ equations of METHOD §3-7 written out in float64 from the towers' own outputs (:
 step is reached only through :func:`run_step`, :func:`run_and_enqueue` and :func:`step_loss`: when the
 step's call signature changes, adapt those helpers, not the tests.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,13 +37,27 @@ QUEUE_SIZE = 12
 
 def vilem_settings(**overrides) -> dict:
     """ViLEM settings with this file's caption ids (what cots-train fills in from the tokenizer)."""
-    return {"enabled": True, "mask_id": MASK, "special_ids": SPECIAL_IDS, "vocab_size": TEXT_VOCAB, "layers": 1,
-            **overrides}
+    return {
+        "enabled": True,
+        "mask_id": MASK,
+        "special_ids": SPECIAL_IDS,
+        "vocab_size": TEXT_VOCAB,
+        "layers": 1,
+        **overrides,
+    }
 
 
-def build(*, queue_size: int = QUEUE_SIZE, temperature: float = 0.07, learn_temperature: bool = True,
-          text_layers: int = 1, text_dropout: float = 0.0, seed: int = 0, image_tokens: dict | None = None,
-          **objective) -> tuple[COTSModel, TrainingStep]:
+def build(
+    *,
+    queue_size: int = QUEUE_SIZE,
+    temperature: float = 0.07,
+    learn_temperature: bool = True,
+    text_layers: int = 1,
+    text_dropout: float = 0.0,
+    seed: int = 0,
+    image_tokens: dict | None = None,
+    **objective,
+) -> tuple[COTSModel, TrainingStep]:
     """A tiny model and training step; ``objective`` holds COTSObjective's arguments (inst, task, amf, cmvm, ...),
     ``image_tokens`` the ``data.image_tokens`` settings of the CMVM targets.
 
@@ -52,16 +67,37 @@ def build(*, queue_size: int = QUEUE_SIZE, temperature: float = 0.07, learn_temp
     """
     torch.manual_seed(seed)
     enabled = {name: bool(dict(objective.get(name) or {}).get("enabled", False)) for name in ("cmvm", "cmlm", "vilem")}
-    image_tower = ImageTower("vit_tiny_patch16_224", img_size=IMAGE_SIZE, patch_size=PATCH, embed_dim=WIDTH_V, depth=1,
-                             num_heads=2, mask_embedding=enabled["cmvm"])
-    text_tower = TextTower(vocab_size=TEXT_VOCAB, hidden_size=WIDTH_T, num_layers=text_layers, num_heads=2,
-                           max_length=16, dropout=text_dropout)
+    image_tower = ImageTower(
+        "vit_tiny_patch16_224",
+        img_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        embed_dim=WIDTH_V,
+        depth=1,
+        num_heads=2,
+        mask_embedding=enabled["cmvm"],
+    )
+    text_tower = TextTower(
+        vocab_size=TEXT_VOCAB,
+        hidden_size=WIDTH_T,
+        num_layers=text_layers,
+        num_heads=2,
+        max_length=16,
+        dropout=text_dropout,
+    )
     spread_text_features(text_tower)
     vilem = dict(objective.get("vilem") or {})
-    model = COTSModel(TwoStreamEncoder(image_tower, text_tower, EMBED_DIM), queue_size=queue_size,
-                      temperature=temperature, learn_temperature=learn_temperature, cmvm_head=enabled["cmvm"],
-                      cmlm_head=enabled["cmlm"], image_vocab_size=IMAGE_VOCAB, vilem_head=enabled["vilem"],
-                      vilem_layers=vilem.get("layers"), vilem_heads=vilem.get("num_heads"))
+    model = COTSModel(
+        TwoStreamEncoder(image_tower, text_tower, EMBED_DIM),
+        queue_size=queue_size,
+        temperature=temperature,
+        learn_temperature=learn_temperature,
+        cmvm_head=enabled["cmvm"],
+        cmlm_head=enabled["cmlm"],
+        image_vocab_size=IMAGE_VOCAB,
+        vilem_head=enabled["vilem"],
+        vilem_layers=vilem.get("layers"),
+        vilem_heads=vilem.get("num_heads"),
+    )
     with torch.no_grad():
         for param in model.momentum_encoder.parameters():
             param.add_(0.1 * torch.randn_like(param))
@@ -103,9 +139,15 @@ def make_batch(seed: int = 0, batch: int = BATCH, mask_prob: float = 0.3) -> dic
     mlm_ids, mlm_labels = mask_text_tokens(ids, attention, MASK, SPECIAL_IDS, TEXT_VOCAB, gen, mask_prob=mask_prob)
     patch_mask = torch.rand(batch, NUM_PATCHES, generator=gen) < 0.4
     patch_mask[:, 0], patch_mask[:, -1] = True, False
-    return {"images": torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen), "input_ids": ids,
-            "attention_mask": attention, "mlm_input_ids": mlm_ids, "mlm_labels": mlm_labels, "patch_mask": patch_mask,
-            "image_tokens": torch.randint(IMAGE_VOCAB, (batch, GRID, GRID), generator=gen)}
+    return {
+        "images": torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen),
+        "input_ids": ids,
+        "attention_mask": attention,
+        "mlm_input_ids": mlm_ids,
+        "mlm_labels": mlm_labels,
+        "patch_mask": patch_mask,
+        "image_tokens": torch.randint(IMAGE_VOCAB, (batch, GRID, GRID), generator=gen),
+    }
 
 
 def unit_rows(n: int, seed: int, dim: int = EMBED_DIM) -> torch.Tensor:
@@ -113,8 +155,9 @@ def unit_rows(n: int, seed: int, dim: int = EMBED_DIM) -> torch.Tensor:
     return F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=1)
 
 
-def fill_queue(model: COTSModel, rows: int, seed: int = 1, garbage: torch.Tensor | None = None,
-               groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fill_queue(
+    model: COTSModel, rows: int, seed: int = 1, garbage: torch.Tensor | None = None, groups: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Enqueue ``rows`` known pairs into an empty feature queue; returns them (Q^v, Q^t), (rows, D) each.
 
     ``garbage`` (D,) is then written into every slot not yet filled (image and text), so that a loss
@@ -187,8 +230,15 @@ def encode(model: COTSModel, batch: dict) -> Encoded:
         image, text = model.encoder.encode_image(images), model.encoder.encode_text(ids, attention)
         image_m = model.momentum_encoder.encode_image(images)
         text_m = model.momentum_encoder.encode_text(ids, attention)
-    return Encoded(image.embedding.double(), text.embedding.double(), image_m.embedding.double(),
-                   text_m.embedding.double(), image.cls.double(), text.cls.double(), image.tokens.double())
+    return Encoded(
+        image.embedding.double(),
+        text.embedding.double(),
+        image_m.embedding.double(),
+        text_m.embedding.double(),
+        image.cls.double(),
+        text.cls.double(),
+        image.tokens.double(),
+    )
 
 
 # -- METHOD §3-7 in float64 -----------------------------------------------------------------------------
@@ -211,9 +261,15 @@ def own_targets(batch: int, num_keys: int, offset: int = 0) -> torch.Tensor:
     return F.one_hot(torch.arange(batch) + offset, num_keys).double()
 
 
-def reference_inst(enc: Encoded, queue_v: torch.Tensor, queue_t: torch.Tensor, tau: float,
-                   weights: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                   denominator: float | None = None) -> dict[str, torch.Tensor]:
+def reference_inst(
+    enc: Encoded,
+    queue_v: torch.Tensor,
+    queue_t: torch.Tensor,
+    tau: float,
+    weights: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    denominator: float | None = None,
+) -> dict[str, torch.Tensor]:
     """METHOD §3: i2t against [zhat^t ; Q^t], t2i against [zhat^v ; Q^v], AMF-weighted, averaged.
 
     queue_v, queue_t: (K', D) the filled queue rows only. targets: (B, B+K') positives; None = own key.
@@ -226,9 +282,15 @@ def reference_inst(enc: Encoded, queue_v: torch.Tensor, queue_t: torch.Tensor, t
     return {"inst": (i2t + t2i) / 2, "inst_i2t": i2t, "inst_t2i": t2i}
 
 
-def reference_task(enc: Encoded, queue_v: torch.Tensor, queue_t: torch.Tensor, tau: float,
-                   direction: str = "i2t||t2i", weights: torch.Tensor | None = None,
-                   denominator: float | None = None) -> torch.Tensor:
+def reference_task(
+    enc: Encoded,
+    queue_v: torch.Tensor,
+    queue_t: torch.Tensor,
+    tau: float,
+    direction: str = "i2t||t2i",
+    weights: torch.Tensor | None = None,
+    denominator: float | None = None,
+) -> torch.Tensor:
     """METHOD §5: KL between p^{i2t} over [z^v.zhat^t_i ; z^v.Q^t] and p^{t2i} over [z^t.zhat^v_i ; z^t.Q^v]."""
 
     def log_dist(queries, own_keys, queue):
@@ -240,8 +302,11 @@ def reference_task(enc: Encoded, queue_v: torch.Tensor, queue_t: torch.Tensor, t
     def kl(log_p, log_q):
         return (log_p.exp() * (log_p - log_q)).sum(1)  # B
 
-    value = {"i2t||t2i": lambda: kl(log_i2t, log_t2i), "t2i||i2t": lambda: kl(log_t2i, log_i2t),
-             "symmetric": lambda: (kl(log_i2t, log_t2i) + kl(log_t2i, log_i2t)) / 2}[direction]()
+    value = {
+        "i2t||t2i": lambda: kl(log_i2t, log_t2i),
+        "t2i||i2t": lambda: kl(log_t2i, log_i2t),
+        "symmetric": lambda: (kl(log_i2t, log_t2i) + kl(log_t2i, log_i2t)) / 2,
+    }[direction]()
     return weighted_mean(value, weights, denominator)
 
 

@@ -4,18 +4,31 @@ A prediction is probed by changing one input and checking which logit rows move:
 patches must not leak into their own CMVM prediction, CMLM must read the masked caption, each pair
 must be fused with its own partner, and ViLEM must read the edited caption against its own image.
 """
+
 from __future__ import annotations
 
 import functools
 
 import pytest
 import torch
+from test_wiring_common import (
+    BATCH,
+    MASK,
+    PATCH,
+    SPECIAL_IDS,
+    TEXT_VOCAB,
+    build,
+    changed_pairs,
+    encode,
+    make_batch,
+    rows_of_pair,
+    run_step,
+    vilem_settings,
+)
 
 from cots.error_generation import choose_error_positions
 from cots.lit_module import COTSLitModule
 from cots.masking import IGNORE_INDEX
-from test_wiring_common import (BATCH, MASK, PATCH, SPECIAL_IDS, TEXT_VOCAB, build, changed_pairs, encode, make_batch,
-                                rows_of_pair, run_step, vilem_settings)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers: threads only add overhead
 
@@ -110,10 +123,16 @@ def test_momentum_keys_come_from_the_momentum_encoder_and_embeddings_from_the_on
     batch = make_batch()
     features = run_step(model, training_step, batch).features
     enc = encode(model, batch)
-    for got, expected in ((features.image.embedding, enc.z_v), (features.text.embedding, enc.z_t),
-                          (features.image_momentum, enc.zhat_v), (features.text_momentum, enc.zhat_t),
-                          (features.image_keys, enc.zhat_v), (features.text_keys, enc.zhat_t),
-                          (features.image.cls, enc.cls_v), (features.text.cls, enc.cls_t)):
+    for got, expected in (
+        (features.image.embedding, enc.z_v),
+        (features.text.embedding, enc.z_t),
+        (features.image_momentum, enc.zhat_v),
+        (features.text_momentum, enc.zhat_t),
+        (features.image_keys, enc.zhat_v),
+        (features.text_keys, enc.zhat_t),
+        (features.image.cls, enc.cls_v),
+        (features.text.cls, enc.cls_t),
+    ):
         torch.testing.assert_close(got.double(), expected, **UNCHANGED)
     assert (enc.zhat_v - enc.z_v).abs().max() > 1e-3  # the two encoders differ, so a swap would be seen
 
@@ -130,8 +149,9 @@ def vilem_model():
 def _errors(model, image_global, image_patches, input_ids, attention_mask, replaced):
     """ViLEM's (B, L) detection and (M, V) correction logits of (B, L) captions against (B, W_v), (B, P, W_v) images."""
     with torch.no_grad():
-        predicted = model.predict_errors(image_global.float(), image_patches.float(), input_ids, attention_mask,
-                                         replaced)
+        predicted = model.predict_errors(
+            image_global.float(), image_patches.float(), input_ids, attention_mask, replaced
+        )
     return predicted.detection_logits, predicted.correction_logits
 
 
@@ -215,8 +235,9 @@ def test_vilem_edits_come_from_the_generator_on_the_masked_caption_and_its_own_i
     rolled = _generator_logits(model, masked_ids, attention, enc.cls_v.roll(1, 0), chosen, words).argmax(1)
     assert clean.tolist() != expected.tolist() and rolled.tolist() != expected.tolist()  # both wirings would be seen
     # and the predictions were made on the edited captions against their own images
-    detection, correction = _errors(model, enc.cls_v, enc.patches_v, edited.input_ids, batch["attention_mask"],
-                                    edited.replaced)
+    detection, correction = _errors(
+        model, enc.cls_v, enc.patches_v, edited.input_ids, batch["attention_mask"], edited.replaced
+    )
     torch.testing.assert_close(predicted.detection_logits, detection, **UNCHANGED)
     torch.testing.assert_close(predicted.correction_logits, correction, **UNCHANGED)
 
@@ -247,8 +268,9 @@ def test_vilem_top_k_bounds_the_candidates():
         edited, _ = run_step(model, training_step, batch).errors
         masked_ids, originals = _reproduce_edit_positions(batch, 0.5, 4)
         chosen = originals != IGNORE_INDEX
-        logits = _generator_logits(model, masked_ids, batch["attention_mask"], encode(model, batch).cls_v, chosen,
-                                   originals[chosen])
+        logits = _generator_logits(
+            model, masked_ids, batch["attention_mask"], encode(model, batch).cls_v, chosen, originals[chosen]
+        )
         picks[top_k] = (logits > logits.gather(1, edited.input_ids[chosen][:, None])).sum(1)  # rank, 0 = the best
     assert (picks[1] == 0).all()
     assert (picks[3] < 3).all() and (picks[3] > 0).any()
@@ -266,24 +288,34 @@ def test_vilem_validation_scores_each_caption_against_its_own_image(vilem_model,
     gallery, captions = make_batch(seed=0), make_batch(seed=1, batch=8)
     image_index = torch.tensor([2, 0, 1, 3, 1, 2, 0, 3])  # (8,) the gallery image of each caption; image 3 not kept
     module.validation_step({"images": gallery["images"]}, 0, 0)
-    module.validation_step({"input_ids": captions["input_ids"], "attention_mask": captions["attention_mask"],
-                            "image_index": image_index}, 0, 1)
+    module.validation_step(
+        {"input_ids": captions["input_ids"], "attention_mask": captions["attention_mask"], "image_index": image_index},
+        0,
+        1,
+    )
     module.on_validation_epoch_end()
 
     enc, own = encode(model, gallery), image_index < 3
-    (image_global, image_patches), = read
+    ((image_global, image_patches),) = read
     torch.testing.assert_close(image_global.double(), enc.cls_v[image_index[own]], **UNCHANGED)
     torch.testing.assert_close(image_patches.double(), enc.patches_v[image_index[own]], **UNCHANGED)
     ids, attention = captions["input_ids"][own], captions["attention_mask"][own]
     generator = torch.Generator().manual_seed(1000003)  # the module's seed of caption batch 0
     with torch.no_grad():
         edited = training_step.caption_editor(model, ids, attention, enc.cls_v[image_index[own]].float(), generator)
-        detection, correction = _errors(model, enc.cls_v[image_index[own]], enc.patches_v[image_index[own]],
-                                        edited.input_ids, attention, edited.replaced)
+        detection, correction = _errors(
+            model,
+            enc.cls_v[image_index[own]],
+            enc.patches_v[image_index[own]],
+            edited.input_ids,
+            attention,
+            edited.replaced,
+        )
     scored = edited.detection_labels != IGNORE_INDEX
     right = ((detection > 0).long() == edited.detection_labels)[scored]
     originals = edited.correction_labels[edited.replaced]
     accuracy = module.last_error_accuracy
     assert accuracy["vilem_det_acc"] == pytest.approx(100 * right.double().mean().item(), abs=1e-4)
-    assert accuracy["vilem_cor_acc"] == pytest.approx(100 * (correction.argmax(1) == originals).double().mean().item(),
-                                                      abs=1e-4)
+    assert accuracy["vilem_cor_acc"] == pytest.approx(
+        100 * (correction.argmax(1) == originals).double().mean().item(), abs=1e-4
+    )

@@ -1,5 +1,6 @@
 """The state a step reads and writes: queues (rows, pointer, fill, groups), Q^s, the momentum encoder and its EMA,
 the temperature, and the rank layout of the keys under DDP (simulated in one process)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,13 +10,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_wiring_common import (
+    BATCH,
+    assert_terms,
+    build,
+    encode,
+    fill_queue,
+    make_batch,
+    reference_inst,
+    reference_task,
+    run_and_enqueue,
+    run_step,
+    set_similarity_queue,
+    step_loss,
+)
 
 from cots import distributed
 from cots.lit_module import COTSLitModule
 from cots.queues import NO_GROUP
 from cots.training_step import TrainingStep
-from test_wiring_common import (BATCH, assert_terms, build, encode, fill_queue, make_batch, reference_inst,
-                                reference_task, run_and_enqueue, run_step, set_similarity_queue, step_loss)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers: threads only add overhead
 
@@ -105,15 +118,23 @@ def test_momentum_encoder_stays_in_eval_mode_in_training():
 
 
 def _module(model, training_step, momentum: float, schedule: str) -> COTSLitModule:
-    return COTSLitModule(model, training_step, optimizer=functools.partial(torch.optim.SGD, lr=0.0), momentum=momentum,
-                         momentum_schedule=schedule)
+    return COTSLitModule(
+        model,
+        training_step,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.0),
+        momentum=momentum,
+        momentum_schedule=schedule,
+    )
 
 
-@pytest.mark.parametrize("schedule,step,total,expected", [
-    ("constant", 3, 10, 0.8),
-    ("cosine", 5, 10, 1 - 0.2 * (math.cos(math.pi * 0.5) + 1) / 2),  # half way: 0.9
-    ("cosine", 10, 10, 1.0),
-])
+@pytest.mark.parametrize(
+    "schedule,step,total,expected",
+    [
+        ("constant", 3, 10, 0.8),
+        ("cosine", 5, 10, 1 - 0.2 * (math.cos(math.pi * 0.5) + 1) / 2),  # half way: 0.9
+        ("cosine", 10, 10, 1.0),
+    ],
+)
 def test_module_momentum_and_schedule_reach_the_ema(schedule, step, total, expected):
     """module.momentum / module.momentum_schedule: the optimizer step applies the EMA with m(step, total)."""
     model, training_step = build()
@@ -124,8 +145,13 @@ def test_module_momentum_and_schedule_reach_the_ema(schedule, step, total, expec
     module.optimizer_step(0, 0, optimizer, lambda: None)
     online = dict(model.encoder.named_parameters())
     for name, param in model.momentum_encoder.named_parameters():
-        torch.testing.assert_close(param.detach(), expected * before[name] + (1 - expected) * online[name].detach(),
-                                   rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            param.detach(),
+            expected * before[name] + (1 - expected) * online[name].detach(),
+            rtol=0,
+            atol=1e-6,
+            msg=name,
+        )
 
 
 def test_learn_temperature_switches_the_gradient_of_tau():
@@ -175,7 +201,9 @@ def test_rank_layout_of_keys_and_amf_weights_under_ddp(monkeypatch):
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     monkeypatch.setattr(distributed, "all_gather_no_grad", gather)
     monkeypatch.setattr(distributed, "all_reduce_sum", lambda x: x.detach() + 1.0)  # rank 0 keeps one pair
-    model, training_step = build(queue_size=16, task={"enabled": True}, amf={"enabled": True, "k": 1.0, "queue_size": 8})
+    model, training_step = build(
+        queue_size=16, task={"enabled": True}, amf={"enabled": True, "k": 1.0, "queue_size": 8}
+    )
     queue_v, queue_t = fill_queue(model, 5)  # 5 + 2B = 13 rows: no wrap-around
     batch = {**make_batch(), "pair_groups": torch.tensor([0, 1, 2, 3])}  # rank 0's: 103 .. 100, no match
     enc = encode(model, batch)
@@ -189,8 +217,9 @@ def test_rank_layout_of_keys_and_amf_weights_under_ddp(monkeypatch):
     assert step.decision.keep.tolist() == global_keep.tolist() and keep.tolist() != keep.flip(0).tolist()
     assert step.decision.weights.tolist() == keep.float().tolist()
     # keys: [rank 0 = flipped ; rank 1 = this batch ; queue], the positive of local pair i at column B + i
-    gathered = dataclasses.replace(enc, zhat_v=torch.cat([enc.zhat_v.flip(0), enc.zhat_v]),
-                                   zhat_t=torch.cat([enc.zhat_t.flip(0), enc.zhat_t]))
+    gathered = dataclasses.replace(
+        enc, zhat_v=torch.cat([enc.zhat_v.flip(0), enc.zhat_v]), zhat_t=torch.cat([enc.zhat_t.flip(0), enc.zhat_t])
+    )
     keys = 2 * BATCH + len(queue_v)
     targets = torch.nn.functional.one_hot(torch.arange(BATCH) + BATCH, keys).double()
     weight_sum = (float(keep.sum()) + 1.0) / 2
@@ -205,4 +234,3 @@ def test_rank_layout_of_keys_and_amf_weights_under_ddp(monkeypatch):
     assert model.feature_queue.groups.data[rows].tolist() == [103, 102, 101, 100, 0, 1, 2, 3]
     global_s = torch.cat([enc.positive_similarity.flip(0), enc.positive_similarity])
     torch.testing.assert_close(training_step.amf.similarity_queue.ordered().double(), global_s, rtol=0, atol=1e-6)
-

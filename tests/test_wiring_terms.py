@@ -4,18 +4,33 @@ The references read the towers directly (``test_wiring_common.encode``) and the 
 wrote itself, so a term fed the wrong tensor (a swapped modality, the online key instead of the
 momentum key, another pair's feature, an empty queue slot) no longer matches.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from test_wiring_common import (
+    BATCH,
+    IMAGE_VOCAB,
+    TEXT_VOCAB,
+    assert_terms,
+    build,
+    encode,
+    fill_queue,
+    make_batch,
+    own_targets,
+    reference_inst,
+    reference_task,
+    reference_token_terms,
+    run_step,
+    set_similarity_queue,
+    vilem_settings,
+)
 
 from cots.losses.task import TASK_DIRECTIONS
 from cots.masking import IGNORE_INDEX
 from cots.objective import COTSObjective
 from cots.training_step import TrainingStep
-from test_wiring_common import (BATCH, IMAGE_VOCAB, TEXT_VOCAB, assert_terms, build, encode, fill_queue, make_batch,
-                                own_targets, reference_inst, reference_task, reference_token_terms, run_step,
-                                set_similarity_queue, vilem_settings)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers: threads only add overhead
 
@@ -123,15 +138,21 @@ def test_empty_queue_slots_are_never_keys():
 def test_each_weight_scales_its_own_term_in_the_total():
     """loss = w_inst L_inst + w_task L_task + w_cmvm L_cmvm + w_cmlm L_cmlm, with the references' values."""
     weights = {"inst": 0.7, "task": 1.3, "cmvm": 0.4, "cmlm": 2.1}
-    model, training_step = build(inst={"weight": weights["inst"]}, task={"enabled": True, "weight": weights["task"]},
-                             cmvm={"enabled": True, "weight": weights["cmvm"]},
-                             cmlm={"enabled": True, "weight": weights["cmlm"]})
+    model, training_step = build(
+        inst={"weight": weights["inst"]},
+        task={"enabled": True, "weight": weights["task"]},
+        cmvm={"enabled": True, "weight": weights["cmvm"]},
+        cmlm={"enabled": True, "weight": weights["cmlm"]},
+    )
     queue_v, queue_t = fill_queue(model, FILLED)
     batch = make_batch()
     terms = run_step(model, training_step, batch).terms
     enc = encode(model, batch)
-    expected = {**reference_inst(enc, queue_v, queue_t, _tau(model)),
-                "task": reference_task(enc, queue_v, queue_t, _tau(model)), **reference_token_terms(model, batch)}
+    expected = {
+        **reference_inst(enc, queue_v, queue_t, _tau(model)),
+        "task": reference_task(enc, queue_v, queue_t, _tau(model)),
+        **reference_token_terms(model, batch),
+    }
     expected["loss"] = sum(weight * expected[name] for name, weight in weights.items())
     assert_terms(terms, expected)
 
@@ -187,8 +208,12 @@ def test_masked_pairs_limit_the_token_terms_to_the_first_pairs():
 
 def test_amf_weights_reach_inst_and_task_but_not_the_token_terms():
     """METHOD §6: a filtered pair leaves L_inst and L_task (w_i = 0), while its masked tokens stay targets."""
-    model, training_step = build(task={"enabled": True}, amf={"enabled": True, "k": 1.0, "queue_size": 8},
-                             cmvm={"enabled": True}, cmlm={"enabled": True})
+    model, training_step = build(
+        task={"enabled": True},
+        amf={"enabled": True, "k": 1.0, "queue_size": 8},
+        cmvm={"enabled": True},
+        cmlm={"enabled": True},
+    )
     queue_v, queue_t = fill_queue(model, FILLED)
     batch = make_batch()
     enc = encode(model, batch)
@@ -201,8 +226,11 @@ def test_amf_weights_reach_inst_and_task_but_not_the_token_terms():
     assert int(keep.sum()) == 2
     assert step.decision.weights.tolist() == keep.float().tolist()
     tau = _tau(model)
-    expected = {**reference_inst(enc, queue_v, queue_t, tau, weights=keep),
-                "task": reference_task(enc, queue_v, queue_t, tau, weights=keep), **reference_token_terms(model, batch)}
+    expected = {
+        **reference_inst(enc, queue_v, queue_t, tau, weights=keep),
+        "task": reference_task(enc, queue_v, queue_t, tau, weights=keep),
+        **reference_token_terms(model, batch),
+    }
     assert_terms(step.terms, expected)
     unweighted = reference_inst(enc, queue_v, queue_t, tau)["inst"]
     assert abs(float(unweighted) - float(step.terms["inst"])) > 1e-4  # the filter changed L_inst
@@ -224,8 +252,9 @@ def test_amf_k_sets_the_threshold_on_the_momentum_similarities():
         decisions[k] = int(step.decision.keep.sum())
         expected = enc.positive_similarity >= float(step.decision.threshold)
         assert step.decision.keep.tolist() == expected.tolist()
-        torch.testing.assert_close(float(step.decision.threshold), float(step.decision.mean) - k * sigma, rtol=0,
-                                   atol=1e-6)
+        torch.testing.assert_close(
+            float(step.decision.threshold), float(step.decision.mean) - k * sigma, rtol=0, atol=1e-6
+        )
     assert decisions == {0.5: 1, 2.0: 3}
 
 
@@ -243,9 +272,13 @@ def test_vilem_terms_score_the_edits_against_their_labels():
     correction_targets = batch["input_ids"][replaced]  # the original words
     log_p = predicted.correction_logits.double().log_softmax(1)
     correction = -log_p.gather(1, correction_targets[:, None]).mean()
-    expected = {"vilem_det": detection, "vilem_cor": correction, "vilem": detection + correction,
-                "vilem_det_acc": ((x > 0).double() == y).double().mean(),
-                "vilem_cor_acc": (predicted.correction_logits.argmax(1) == correction_targets).double().mean()}
+    expected = {
+        "vilem_det": detection,
+        "vilem_cor": correction,
+        "vilem": detection + correction,
+        "vilem_det_acc": ((x > 0).double() == y).double().mean(),
+        "vilem_cor_acc": (predicted.correction_logits.argmax(1) == correction_targets).double().mean(),
+    }
     cmlm_and_inst = step.terms["inst"] + step.terms["cmlm"]
     assert_terms(step.terms, {**expected, "loss": cmlm_and_inst.double() + 0.6 * expected["vilem"]})
 
@@ -254,8 +287,13 @@ def test_online_dvae_tokens_of_the_dvae_views_are_the_cmvm_targets():
     """Without cached tokens the targets are the dVAE's ids of ``images_dvae`` (of the pairs the masked pass reads)."""
     from cots_dvae import DalleTokenizer
 
-    tokens_cfg = {"source": "online", "dvae_input_size": 32, "vocab_size": IMAGE_VOCAB, "weights": None,
-                  "random_dvae": {"n_hid": 8, "n_blk_per_group": 1, "seed": 3}}
+    tokens_cfg = {
+        "source": "online",
+        "dvae_input_size": 32,
+        "vocab_size": IMAGE_VOCAB,
+        "weights": None,
+        "random_dvae": {"n_hid": 8, "n_blk_per_group": 1, "seed": 3},
+    }
     model, training_step = build(cmvm={"enabled": True}, masked_pairs=3, image_tokens=tokens_cfg)
     batch = make_batch()
     del batch["image_tokens"]
@@ -279,5 +317,5 @@ def _rectangles(batch: int, seed: int = 5) -> torch.Tensor:
         for _ in range(3):
             channel = int(torch.randint(3, (1,), generator=gen))
             top, left = torch.randint(0, 24, (2,), generator=gen).tolist()
-            views[image, channel, top:top + 9, left:left + 13] = 1.0
+            views[image, channel, top : top + 9, left : left + 13] = 1.0
     return views

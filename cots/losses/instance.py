@@ -1,4 +1,5 @@
 """Instance level: cross-modal momentum contrast over queues (METHOD §3)."""
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,13 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None, weight_sum
     return (weights * values).sum() / denom.clamp_min(1e-6)
 
 
-def positive_targets(positive_index: torch.Tensor, num_keys: int, query_groups: torch.Tensor | None = None,
-                     key_groups: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+def positive_targets(
+    positive_index: torch.Tensor,
+    num_keys: int,
+    query_groups: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Target distribution over the keys: uniform over each query's positives.
 
     The positives of query i are its own key and, with groups, every valid key of the same group

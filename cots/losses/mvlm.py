@@ -4,6 +4,7 @@ Cross-entropy on masked positions only, averaged over them. The heads
 (``cots.models.mvlm_heads``) usually score only the masked positions, giving
 (M, V) logits; full (B, T, V) logits are accepted too.
 """
+
 from __future__ import annotations
 
 import torch

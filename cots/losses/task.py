@@ -1,4 +1,5 @@
 """Task level: KL between the image-to-text and text-to-image retrieval distributions (METHOD §5)."""
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,11 @@ TASK_DIRECTIONS = ("i2t||t2i", "t2i||i2t", "symmetric")
 
 
 def retrieval_log_probs(
-    queries: torch.Tensor, own_keys: torch.Tensor, queue: torch.Tensor, temperature: torch.Tensor, queue_mask: torch.Tensor | None
+    queries: torch.Tensor,
+    own_keys: torch.Tensor,
+    queue: torch.Tensor,
+    temperature: torch.Tensor,
+    queue_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """log softmax over [own momentum key ; queue] for each query.
 

@@ -1,4 +1,5 @@
 """ViLEM error modeling loss (METHOD §7): L_vilem = BCE(detection) + CE(correction at replaced positions)."""
+
 from __future__ import annotations
 
 import torch

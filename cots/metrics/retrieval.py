@@ -8,6 +8,7 @@ order, so Recall@K is its expectation over random tie-breaks (a collapsed model 
 By default the chunk size follows from a memory budget for the block and its
 temporaries (see :func:`rows_per_chunk`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -235,6 +236,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     """A markdown table, one row per named result."""
     head = "| | " + " | ".join(METRIC_KEYS) + " |\n|---|" + "---:|" * len(METRIC_KEYS)
     lines = [head] + [
-        f"| {name} | " + " | ".join(f"{row.get(k, float('nan')):.2f}" for k in METRIC_KEYS) + " |" for name, row in rows.items()
+        f"| {name} | " + " | ".join(f"{row.get(k, float('nan')):.2f}" for k in METRIC_KEYS) + " |"
+        for name, row in rows.items()
     ]
     return "\n".join(lines)

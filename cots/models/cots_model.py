@@ -4,6 +4,7 @@ It computes features, the keys every query is scored against, the temperature an
 the losses live in ``cots.losses`` and ``cots.training_step`` orders forward -> filter -> targets -> masked
 passes -> edits -> objective -> enqueue.
 """
+
 from __future__ import annotations
 
 import math
@@ -180,8 +181,13 @@ class COTSModel(nn.Module):
             self._ema_pairs = parameter_pairs(self.encoder, self.momentum_encoder)
         ema_update_(*self._ema_pairs, m)
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                groups: torch.Tensor | None = None) -> PairFeatures:
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        groups: torch.Tensor | None = None,
+    ) -> PairFeatures:
         """Online features and gathered momentum keys for a batch.
 
         Args:
@@ -250,8 +256,9 @@ class COTSModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def cmlm_generator_logits(self, masked_ids: torch.Tensor, attention_mask: torch.Tensor,
-                              image_global: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    def cmlm_generator_logits(
+        self, masked_ids: torch.Tensor, attention_mask: torch.Tensor, image_global: torch.Tensor, chosen: torch.Tensor
+    ) -> torch.Tensor:
         """The CMLM head as ViLEM's error generator: (M, V_txt) logits at the chosen [MASK] positions.
 
         Args:
@@ -259,13 +266,21 @@ class COTSModel(nn.Module):
             image_global: (B, W_v) image [CLS]; chosen: (B, L) bool.
         """
         if self.cmlm_head is None:
-            raise ValueError("objective.vilem.generator=cmlm uses the CMLM head: set objective.cmlm.enabled=true "
-                             "(with data.text_mask), or point objective.vilem.generator to a local masked-LM directory")
+            raise ValueError(
+                "objective.vilem.generator=cmlm uses the CMLM head: set objective.cmlm.enabled=true "
+                "(with data.text_mask), or point objective.vilem.generator to a local masked-LM directory"
+            )
         _, states = self.encoder.text_tower(masked_ids, attention_mask)  # B x L x W_t
         return self.cmlm_head(states, image_global, chosen).float()  # M x V_txt
 
-    def predict_errors(self, image_global: torch.Tensor, image_patches: torch.Tensor, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor, replaced: torch.Tensor) -> ErrorPredictions:
+    def predict_errors(
+        self,
+        image_global: torch.Tensor,
+        image_patches: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        replaced: torch.Tensor,
+    ) -> ErrorPredictions:
         """ViLEM's detection and correction logits for edited captions against their images.
 
         Args:
@@ -275,8 +290,9 @@ class COTSModel(nn.Module):
         """
         if self.vilem_head is None:
             raise ValueError("objective.vilem is on but the model has no ViLEM head (model.vilem_head=false)")
-        detection, correction = self.vilem_head(self.encoder.text_tower, input_ids, attention_mask,
-                                                image_global, image_patches, replaced)
+        detection, correction = self.vilem_head(
+            self.encoder.text_tower, input_ids, attention_mask, image_global, image_patches, replaced
+        )
         return ErrorPredictions(detection, correction)
 
     @torch.no_grad()

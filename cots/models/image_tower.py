@@ -4,6 +4,7 @@ Patch embeddings chosen by a boolean mask can be replaced by a learnable
 ``[MASK]`` embedding before the position embedding is added (BEiT), which
 CMVM uses; retrieval passes no mask.
 """
+
 from __future__ import annotations
 
 import timm
@@ -41,7 +42,9 @@ class ImageTower(nn.Module):
         super().__init__()
         if not timm.is_model(name):
             raise ValueError(f"unknown timm model '{name}' (model.encoder.image_tower.name)")
-        overrides = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+        overrides = dict(
+            img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads
+        )
         overrides = {k: v for k, v in overrides.items() if v is not None}
         self.vit: VisionTransformer = timm.create_model(
             name,
@@ -66,7 +69,9 @@ class ImageTower(nn.Module):
     def num_patches(self) -> int:
         return self.grid_size[0] * self.grid_size[1]
 
-    def forward(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, patch_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode images.
 
         Args:

@@ -6,6 +6,7 @@ then scores a vocabulary: dVAE codes for CMVM, words for CMLM (decoder tied to
 the BERT word embeddings). Both score only the masked positions when given the
 mask, which keeps the (positions x vocabulary) logits small.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,9 @@ class GlobalFeatureFusion(nn.Module):
         self.proj = nn.Linear(global_width, token_width, bias=False)
         nn.init.zeros_(self.proj.weight)
 
-    def forward(self, tokens: torch.Tensor, global_feature: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, global_feature: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """
         Args:
             tokens: (B, T, W_tok) hidden states of the masked pass.
@@ -85,7 +88,9 @@ class CMLMHead(nn.Module):
         layer_norm_eps: BERT's 1e-12.
     """
 
-    def __init__(self, width_t: int, width_v: int, text_embeddings: nn.Embedding, layer_norm_eps: float = 1e-12) -> None:
+    def __init__(
+        self, width_t: int, width_v: int, text_embeddings: nn.Embedding, layer_norm_eps: float = 1e-12
+    ) -> None:
         super().__init__()
         vocab_size, embed_width = text_embeddings.weight.shape
         if embed_width != width_t:

@@ -1,4 +1,5 @@
 """Text tower: a Hugging Face BERT from a config (from scratch) or a local pretrained directory."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,7 +9,6 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from cots.local_paths import resolve_local_dir
-
 
 # A sentence encoder's checkpoint (MiniLM) carries BERT's pooler; the tower has none: the one expected leftover.
 EXPECTED_UNUSED = ("pooler.",)
@@ -23,17 +23,23 @@ def load_pretrained_bert(path) -> BertModel:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        bert, info = BertModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="sdpa",
-                                               output_loading_info=True)
+        bert, info = BertModel.from_pretrained(
+            str(path), add_pooling_layer=False, attn_implementation="sdpa", output_loading_info=True
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
     unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(EXPECTED_UNUSED)]
-    problems = {"missing": list(info.get("missing_keys", [])), "unused": unexpected,
-                "mismatched": [str(m) for m in info.get("mismatched_keys", [])]}
+    problems = {
+        "missing": list(info.get("missing_keys", [])),
+        "unused": unexpected,
+        "mismatched": [str(m) for m in info.get("mismatched_keys", [])],
+    }
     if any(problems.values()):
-        found = "; ".join(f"{kind}: {keys[:5]}{' ...' if len(keys) > 5 else ''}" for kind, keys in problems.items() if keys)
+        found = "; ".join(
+            f"{kind}: {keys[:5]}{' ...' if len(keys) > 5 else ''}" for kind, keys in problems.items() if keys
+        )
         raise ValueError(f"model.encoder.text_tower.pretrained={path} does not fit a BERT without pooler ({found})")
     return bert
 
@@ -89,7 +95,9 @@ class TextTower(nn.Module):
             )
             self.bert = BertModel(config, add_pooling_layer=False)
         if grad_checkpointing:  # renamed in transformers 5
-            enable = getattr(self.bert, "activation_checkpointing_enable", None) or self.bert.gradient_checkpointing_enable
+            enable = (
+                getattr(self.bert, "activation_checkpointing_enable", None) or self.bert.gradient_checkpointing_enable
+            )
             enable()
         self.width = self.bert.config.hidden_size
         self.vocab_size = self.bert.config.vocab_size
@@ -118,7 +126,9 @@ class TextTower(nn.Module):
             global feature: (B, W) ([CLS] state or masked mean, see ``pooling``); tokens: (B, L, W).
         """
         mask = self._padding_mask(attention_mask)  # None: BERT builds it from the (B, L) mask
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask if mask is None else mask).last_hidden_state
+        hidden = self.bert(
+            input_ids=input_ids, attention_mask=attention_mask if mask is None else mask
+        ).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0], hidden
         weights = attention_mask.to(hidden.dtype)[..., None]  # B x L x 1

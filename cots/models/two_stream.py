@@ -1,4 +1,5 @@
 """Two independent towers with projections to a shared embedding space (no fusion)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

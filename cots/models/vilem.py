@@ -6,6 +6,7 @@ block to the image patch features after each of those layers. The injection and 
 cross-attention belong to this module alone: retrieval embeddings never pass through
 them, so inference cost and outputs are those of the plain two-stream model.
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,8 +70,9 @@ class ErrorModelingHead(nn.Module):
         num_heads: cross-attention heads; None = the text tower's own head count.
     """
 
-    def __init__(self, text_tower: TextTower, image_width: int, num_layers: int | None = None,
-                 num_heads: int | None = None) -> None:
+    def __init__(
+        self, text_tower: TextTower, image_width: int, num_layers: int | None = None, num_heads: int | None = None
+    ) -> None:
         super().__init__()
         depth = len(text_tower.bert.encoder.layer)
         num_layers = max(1, depth // 2) if num_layers is None else num_layers

@@ -4,6 +4,7 @@ Each subcommand is an ``_add_<name>(subparsers)`` function that registers its
 arguments and sets ``func`` to a runner ``(args) -> exit code``; add new ones to
 ``_SUBCOMMANDS``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,16 +42,22 @@ def _add_emoji(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
     p.add_argument(
-        "--cache", type=Path, default=None,
+        "--cache",
+        type=Path,
+        default=None,
         help="download cache (default: $COTS_CACHE/npm, else ~/.cache/cots/npm)",
     )
     p.add_argument("--force", action="store_true", help="rebuild even if --out holds a complete build")
     p.add_argument(
-        "--vendors", nargs="+", choices=OPEN_VENDORS + RESTRICTED_VENDORS, default=None,
+        "--vendors",
+        nargs="+",
+        choices=OPEN_VENDORS + RESTRICTED_VENDORS,
+        default=None,
         help=f"image sets to include (default: {' '.join(OPEN_VENDORS)})",
     )
     p.add_argument(
-        "--include-restricted-vendors", action="store_true",
+        "--include-restricted-vendors",
+        action="store_true",
         help=(
             "also allow Apple and Facebook images (added to the default vendors unless --vendors is "
             f"given). Apple's are {VENDOR_LICENCES['apple']}; Facebook's are {VENDOR_LICENCES['facebook']}. "
@@ -92,13 +99,19 @@ def _add_shards(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--manifest", type=Path, required=True, help="JSON or CSV manifest")
-    p.add_argument("--image-root", type=Path, default=None, help="folder image paths are relative to (default: the manifest's)")
+    p.add_argument(
+        "--image-root", type=Path, default=None, help="folder image paths are relative to (default: the manifest's)"
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--shard-size", type=int, default=1000, help="samples (pairs) per shard (default: 1000)")
-    p.add_argument("--max-shard-bytes", type=int, default=None, help="also start a new shard before one passes this size")
+    p.add_argument(
+        "--max-shard-bytes", type=int, default=None, help="also start a new shard before one passes this size"
+    )
     p.add_argument("--workers", type=int, default=1, help="processes that decode images to check them (default: 1)")
     p.add_argument(
-        "--shuffle-seed", type=int, default=0,
+        "--shuffle-seed",
+        type=int,
+        default=0,
         help="seed of the order pairs are written in (default: 0), so an image's captions land in different shards",
     )
     p.add_argument("--keep-order", action="store_true", help="write pairs in manifest order instead")
@@ -115,8 +128,15 @@ def _run_shards(args: argparse.Namespace) -> int:
     start = time.monotonic()
     try:
         index = write_shards(
-            args.manifest, args.out, args.image_root, args.shard_size, args.max_shard_bytes, args.workers,
-            None if args.keep_order else args.shuffle_seed, args.image_column, args.caption_column,
+            args.manifest,
+            args.out,
+            args.image_root,
+            args.shard_size,
+            args.max_shard_bytes,
+            args.workers,
+            None if args.keep_order else args.shuffle_seed,
+            args.image_column,
+            args.caption_column,
         )
     except (ShardError, ManifestError) as err:
         print(f"cots-data shards: error: {err}", file=sys.stderr)

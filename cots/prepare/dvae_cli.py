@@ -4,6 +4,7 @@ It lives in ``cots.prepare`` and not in ``cots_dvae`` because it reads manifests
 caches (``cots.data``, ``cots.prepare``); ``cots_dvae`` itself takes image paths and imports
 nothing from ``cots``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="pickled dall_e encoder.pkl -> safetensors (unpickles: trusted files only)")
     c.add_argument("--pkl", required=True, help="official encoder.pkl (a pickled dall_e.Encoder)")
-    c.add_argument("--out", required=True, help="destination .safetensors, e.g. tokenizers/artifacts/dalle_encoder.safetensors")
+    c.add_argument(
+        "--out", required=True, help="destination .safetensors, e.g. tokenizers/artifacts/dalle_encoder.safetensors"
+    )
 
     t = sub.add_parser("train", help="train a dall_e-architecture dVAE on a manifest's images")
     t.add_argument("--manifest", required=True, help="JSON/CSV image-text manifest")
@@ -46,14 +49,29 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--manifest", required=True, help="JSON/CSV manifest; cache row i = manifest entry i")
     k.add_argument("--weights", required=True, help="dVAE .safetensors (convert or train output)")
     k.add_argument("--image-size", type=int, required=True, help="ViT input side in px (data.image_size)")
-    k.add_argument("--out", required=True, help="tokens file, e.g. data/coco/train_tokens.npy (.boxes.npy and .json beside it)")
-    k.add_argument("--patch-size", type=int, default=None,
-                   help=f"ViT patch side: the dVAE size is then image_size / patch_size * {DOWNSAMPLE}")
-    k.add_argument("--dvae-size", type=int, default=None, help="dVAE input side in px (default: from --patch-size, else the file's)")
+    k.add_argument(
+        "--out", required=True, help="tokens file, e.g. data/coco/train_tokens.npy (.boxes.npy and .json beside it)"
+    )
+    k.add_argument(
+        "--patch-size",
+        type=int,
+        default=None,
+        help=f"ViT patch side: the dVAE size is then image_size / patch_size * {DOWNSAMPLE}",
+    )
+    k.add_argument(
+        "--dvae-size",
+        type=int,
+        default=None,
+        help="dVAE input side in px (default: from --patch-size, else the file's)",
+    )
     k.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the manifest's)")
     k.add_argument("--crops", type=int, default=0, help="k random resized crops per image besides the centre crop")
-    k.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0), help="area fraction range of the random crops")
-    k.add_argument("--crop-ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), help="aspect (w/h) range of the random crops")
+    k.add_argument(
+        "--crop-scale", type=float, nargs=2, default=(0.5, 1.0), help="area fraction range of the random crops"
+    )
+    k.add_argument(
+        "--crop-ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), help="aspect (w/h) range of the random crops"
+    )
     k.add_argument("--seed", type=int, default=0, help="seed of the random crops")
     k.add_argument("--batch-size", type=int, default=64)
     k.add_argument("--workers", type=int, default=0, help="image decoding workers")
@@ -97,8 +115,18 @@ def _run(args: argparse.Namespace) -> int:
 
         w = load_weights(args.path)
         n = sum(v.numel() for v in w.encoder.values())
-        print(json.dumps({"arch": w.arch.to_dict(), "input_size": w.input_size, "encoder_params": n,
-                          "has_decoder": w.decoder is not None, **w.extra}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "arch": w.arch.to_dict(),
+                    "input_size": w.input_size,
+                    "encoder_params": n,
+                    "has_decoder": w.decoder is not None,
+                    **w.extra,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 
@@ -114,12 +142,27 @@ def _cache(args: argparse.Namespace) -> None:
         size = dvae_input_size(args.image_size, args.patch_size)
     dvae = DalleTokenizer(args.weights, input_size=size)
     if args.patch_size:
-        check_grid(args.image_size, args.patch_size, dvae.input_size, dvae.downsample,
-                   keys=("--image-size", "--patch-size", "--dvae-size"))
+        check_grid(
+            args.image_size,
+            args.patch_size,
+            dvae.input_size,
+            dvae.downsample,
+            keys=("--image-size", "--patch-size", "--dvae-size"),
+        )
     out = build_token_cache(
-        args.manifest, dvae, args.out, args.image_size, image_root=args.image_root, crops=args.crops,
-        scale=tuple(args.crop_scale), ratio=tuple(args.crop_ratio), seed=args.seed, batch_size=args.batch_size,
-        num_workers=args.workers, device=args.device, weights=args.weights,
+        args.manifest,
+        dvae,
+        args.out,
+        args.image_size,
+        image_root=args.image_root,
+        crops=args.crops,
+        scale=tuple(args.crop_scale),
+        ratio=tuple(args.crop_ratio),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        weights=args.weights,
     )
     print(f"wrote {out} ({dvae.grid_size()}x{dvae.grid_size()} tokens, 1 + {args.crops} crops per image)")
 

@@ -16,6 +16,7 @@ Output in ``out/``::
 The build happens in a hidden sibling folder that is renamed to ``out`` only when
 complete, so a failed or interrupted build never leaves manifests without images.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,13 +60,41 @@ OTHER_LICENCES = {
 
 # Pinned versions with the registry's sha512 integrity: a different tarball is rejected.
 PACKAGES: dict[str, NpmPackage] = {
-    "emoji-datasource": NpmPackage("emoji-datasource", "16.0.0", "sha512-/qHKqK5Nr3+8zhgO6kHmF43Fm5C8HNn0AaFRIpgw8HF3+uF0Vfc8jgLI1ZQS5ba1vBzksS8NBCjHejwLb2D/Sg=="),  # noqa: E501
-    "cldr-annotations": NpmPackage("cldr-annotations-full", "48.2.0", "sha512-DV7A+rEcgUSNTRsVGNGqBZRmAkGfwhGHO5Q1dRwzBoBnVrHWp804JP7/QJdEc66iHmx3+zLWVIMCFLm0lW7PUQ=="),  # noqa: E501
-    "cldr-derived": NpmPackage("cldr-annotations-derived-full", "48.2.0", "sha512-log62km+AOzI7n/NEuNNFV0mg9DWnt67EYCh1RwxZq9dyRuyteB586LT83Ke8TchEfnwI9cIk2P31zO4nTvZmw=="),  # noqa: E501
-    "google": NpmPackage("emoji-datasource-google", "16.0.0", "sha512-ZRexfzs7MVoLnmzZmNsO4TKhnAJp5D++Vm6PpUpH/jEQQlemp3l88CjZ+DoZ2faM9R4QxZkOPJCoT8DlPhfQ3A=="),  # noqa: E501
-    "twitter": NpmPackage("emoji-datasource-twitter", "16.0.0", "sha512-7F+uCuHH+7Qnrc15P5tnbvKkg9E6tlzi4MnT2uW1RlN4pLYTza6cP/dstIfSDMtpjFLWuZewWg8jBbuL2eyELQ=="),  # noqa: E501
-    "apple": NpmPackage("emoji-datasource-apple", "16.0.0", "sha512-dVYjsK0FnCry9F+PBtnivhG2K0xdwlmqYaSgiUtztUdAGPYiHYhZcVKvNBqC791g2qyEcFNTBO6utg4eQ3uLTw=="),  # noqa: E501
-    "facebook": NpmPackage("emoji-datasource-facebook", "16.0.0", "sha512-b9ZxJdB7nMWGckH1vyCjPSosaa6MJYuojPPFiQ0LmDIZS8vlG454XKcmTFKrXIMAA72O4MRJMYFhvWI8pjyciQ=="),  # noqa: E501
+    "emoji-datasource": NpmPackage(
+        "emoji-datasource",
+        "16.0.0",
+        "sha512-/qHKqK5Nr3+8zhgO6kHmF43Fm5C8HNn0AaFRIpgw8HF3+uF0Vfc8jgLI1ZQS5ba1vBzksS8NBCjHejwLb2D/Sg==",
+    ),  # noqa: E501
+    "cldr-annotations": NpmPackage(
+        "cldr-annotations-full",
+        "48.2.0",
+        "sha512-DV7A+rEcgUSNTRsVGNGqBZRmAkGfwhGHO5Q1dRwzBoBnVrHWp804JP7/QJdEc66iHmx3+zLWVIMCFLm0lW7PUQ==",
+    ),  # noqa: E501
+    "cldr-derived": NpmPackage(
+        "cldr-annotations-derived-full",
+        "48.2.0",
+        "sha512-log62km+AOzI7n/NEuNNFV0mg9DWnt67EYCh1RwxZq9dyRuyteB586LT83Ke8TchEfnwI9cIk2P31zO4nTvZmw==",
+    ),  # noqa: E501
+    "google": NpmPackage(
+        "emoji-datasource-google",
+        "16.0.0",
+        "sha512-ZRexfzs7MVoLnmzZmNsO4TKhnAJp5D++Vm6PpUpH/jEQQlemp3l88CjZ+DoZ2faM9R4QxZkOPJCoT8DlPhfQ3A==",
+    ),  # noqa: E501
+    "twitter": NpmPackage(
+        "emoji-datasource-twitter",
+        "16.0.0",
+        "sha512-7F+uCuHH+7Qnrc15P5tnbvKkg9E6tlzi4MnT2uW1RlN4pLYTza6cP/dstIfSDMtpjFLWuZewWg8jBbuL2eyELQ==",
+    ),  # noqa: E501
+    "apple": NpmPackage(
+        "emoji-datasource-apple",
+        "16.0.0",
+        "sha512-dVYjsK0FnCry9F+PBtnivhG2K0xdwlmqYaSgiUtztUdAGPYiHYhZcVKvNBqC791g2qyEcFNTBO6utg4eQ3uLTw==",
+    ),  # noqa: E501
+    "facebook": NpmPackage(
+        "emoji-datasource-facebook",
+        "16.0.0",
+        "sha512-b9ZxJdB7nMWGckH1vyCjPSosaa6MJYuojPPFiQ0LmDIZS8vlG454XKcmTFKrXIMAA72O4MRJMYFhvWI8pjyciQ==",
+    ),  # noqa: E501
 }
 _COMMON = ("package/LICENSE", "package/package.json")
 
@@ -82,6 +111,7 @@ class EmojiSources:
 
 def fetch_sources(vendors: tuple[str, ...], cache_dir: Path) -> EmojiSources:
     """Download (or reuse from ``cache_dir``) the packages for ``vendors``; needs npm."""
+
     def get(key: str, *include: str) -> Path:
         return fetch_package(PACKAGES[key], cache_dir, include + _COMMON)
 
@@ -240,9 +270,7 @@ def format_summary(info: dict) -> str:
     lines = [f"{'split':<6} {'groups':>6} " + " ".join(f"{v:>8}" for v in vendors) + f" {'total':>7}"]
     for split in SPLITS:
         row = [counts["images"][split][v] for v in vendors]
-        lines.append(
-            f"{split:<6} {counts['groups'][split]:>6} " + " ".join(f"{n:>8}" for n in row) + f" {sum(row):>7}"
-        )
+        lines.append(f"{split:<6} {counts['groups'][split]:>6} " + " ".join(f"{n:>8}" for n in row) + f" {sum(row):>7}")
     lines.append(
         f"train pairs: {counts['train_pairs']} ({counts['train_name_pairs']} with the CLDR name, "
         f"{counts['train_pairs'] - counts['train_name_pairs']} with keywords); "

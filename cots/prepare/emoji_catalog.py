@@ -9,6 +9,7 @@ variation selector, and the selector does not change which emoji is meant.
 The split is by concept group (the base emoji), never by image, so that the same
 emoji drawn by another vendor or in another skin tone cannot leak from train to test.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -3,6 +3,7 @@
 Writing belongs to the offline builders (the emoji set, tests that make fixtures); a training
 run only reads manifests.
 """
+
 from __future__ import annotations
 
 import json

@@ -10,6 +10,7 @@ Cache layout under ``cache_dir`` (default ``~/.cache/cots/npm``, see :func:`defa
 A cached tarball is reused only while its sha512 matches the recorded (or pinned)
 integrity; otherwise it is fetched again. Node's ``npm`` is needed only to fetch.
 """
+
 from __future__ import annotations
 
 import base64
@@ -126,9 +127,7 @@ def _npm_pack(pkg: NpmPackage, cache_dir: Path, tarball: Path) -> str:
         except subprocess.TimeoutExpired as err:
             raise NpmError(f"`npm pack {pkg.spec}` did not finish within {NPM_TIMEOUT_S} s") from err
         if proc.returncode != 0:
-            raise NpmError(
-                f"`npm pack {pkg.spec}` failed with exit code {proc.returncode}:\n{proc.stderr.strip()}"
-            )
+            raise NpmError(f"`npm pack {pkg.spec}` failed with exit code {proc.returncode}:\n{proc.stderr.strip()}")
         report = _parse_pack_json(pkg, proc.stdout)
         written = Path(scratch) / report.get("filename", f"{pkg.stem}.tgz")
         if not written.is_file():

@@ -2,6 +2,7 @@
 
 The layout is described in :mod:`cots.data.shards`, which reads them.
 """
+
 from __future__ import annotations
 
 import io
@@ -93,7 +94,9 @@ class _TarShardWriter:
         self._tar.close()
         path = tmp.with_suffix("")  # drop .tmp
         tmp.replace(path)
-        self.shards.append({"name": path.name, "samples": self._count, "bytes": path.stat().st_size, "sha1": file_sha1(path)})
+        self.shards.append(
+            {"name": path.name, "samples": self._count, "bytes": path.stat().st_size, "sha1": file_sha1(path)}
+        )
         self._tar, self._count, self._bytes = None, 0, 0
 
     def finish(self) -> list[dict]:
@@ -145,7 +148,9 @@ def write_shards(
     pair_numbers = array("q")  # its manifest pair index
     extensions: dict[int, str] = {}
     pair_index = 0
-    for image_index, (entry, (ext, reason)) in enumerate(zip(entries, image_formats([e.image for e in entries], workers))):
+    for image_index, (entry, (ext, reason)) in enumerate(
+        zip(entries, image_formats([e.image for e in entries], workers), strict=False)
+    ):
         captions = [clean_caption(c) for c in entry.captions]
         skipped_pairs["empty_caption"] += captions.count("")
         usable = [j for j, caption in enumerate(captions) if caption]
@@ -176,7 +181,12 @@ def write_shards(
         except OSError as err:
             raise ShardError(f"{entry.image}: readable in the first pass, not in the second ({err})") from err
         relative = entry.image.relative_to(root) if entry.image.is_relative_to(root) else entry.image
-        meta = {"pair_index": pair_numbers[k], "image_index": image_index, "caption_index": caption_index, "image": str(relative)}
+        meta = {
+            "pair_index": pair_numbers[k],
+            "image_index": image_index,
+            "caption_index": caption_index,
+            "image": str(relative),
+        }
         writer.add(
             f"{pair_numbers[k]:0{KEY_DIGITS}d}",
             {

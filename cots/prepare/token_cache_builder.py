@@ -4,6 +4,7 @@ The layout of the files is described in :mod:`cots.data.token_cache`, which read
 training. Building is offline (``cots-dvae cache``): it decodes every image, cuts the centre crop
 and ``k`` seeded random crops at the dVAE resolution and records the tokens and the boxes.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,12 +44,22 @@ class _CacheViews(Dataset):
         try:
             image = image_to_uint8(load_rgb(self.entries[index].image))
         except BadSample as bad:
-            return {"index": index, "ok": False, "reason": str(bad),
-                    "views": torch.zeros(variants, 3, size, size), "boxes": torch.zeros(variants, 4, dtype=torch.int32)}
+            return {
+                "index": index,
+                "ok": False,
+                "reason": str(bad),
+                "views": torch.zeros(variants, 3, size, size),
+                "boxes": torch.zeros(variants, 4, dtype=torch.int32),
+            }
         boxes = variant_boxes(*image.shape[-2:], self.crops, self.seed, index, self.scale, self.ratio)
         views = torch.stack([crop_view(image, box, size) for box in boxes])  # (1+k) x 3 x s x s
-        return {"index": index, "ok": True, "reason": "", "views": views,
-                "boxes": torch.tensor(boxes, dtype=torch.int32)}
+        return {
+            "index": index,
+            "ok": True,
+            "reason": "",
+            "views": views,
+            "boxes": torch.tensor(boxes, dtype=torch.int32),
+        }
 
 
 def _collate(items: list[dict]) -> dict:
@@ -102,8 +113,10 @@ def build_token_cache(
     dvae_size = int(dvae.input_size)
     grid = dvae.grid_size()
     if image_size % grid:
-        raise ValueError(f"--image-size {image_size} is not a multiple of the dVAE grid {grid} "
-                         f"(input {dvae_size} px / {dvae.downsample})")
+        raise ValueError(
+            f"--image-size {image_size} is not a multiple of the dVAE grid {grid} "
+            f"(input {dvae_size} px / {dvae.downsample})"
+        )
     vocab = int(dvae.vocab_size)
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.int32
     n, variants = len(entries), 1 + crops
@@ -116,8 +129,12 @@ def build_token_cache(
     unreadable: dict[int, str] = {}
 
     dvae = dvae.to(device)
-    loader = DataLoader(_CacheViews(entries, dvae_size, crops, seed, scale, ratio), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(
+        _CacheViews(entries, dvae_size, crops, seed, scale, ratio),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
     start, done = time.time(), 0
     for step, batch in enumerate(loader):
         views = batch["views"]  # b x (1+k) x 3 x s x s
@@ -125,7 +142,7 @@ def build_token_cache(
         rows = batch["index"].numpy()
         tokens[rows] = ids.view(len(rows), variants, grid, grid).numpy().astype(dtype)
         boxes[rows] = batch["boxes"].numpy()
-        for i, ok, reason in zip(rows.tolist(), batch["ok"], batch["reason"]):
+        for i, ok, reason in zip(rows.tolist(), batch["ok"], batch["reason"], strict=False):
             if not ok:
                 unreadable[i] = reason
         done += len(rows)

@@ -3,6 +3,7 @@
 Imports nothing from ``cots`` (``cots`` imports it); its command line is ``cots-dvae``
 (:mod:`cots.prepare.dvae_cli`).
 """
+
 from .base import ImageTokenizer, dvae_input_size
 from .dalle import DalleTokenizer
 

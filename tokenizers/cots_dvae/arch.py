@@ -12,6 +12,7 @@ Why a wrapper instead of calling ``dall_e.Encoder(...)`` directly:
   construction: ``nn.Parameter`` re-enables grad anyway, and ``forward`` follows
   the weights' device, so ``.to()`` / ``requires_grad_()`` work as usual.
 """
+
 from __future__ import annotations
 
 import re
@@ -52,7 +53,7 @@ class DVAEArch:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "DVAEArch":
+    def from_dict(cls, values: dict) -> DVAEArch:
         known = {f: int(values[f]) for f in cls.__dataclass_fields__ if f in values}
         return cls(**known)
 

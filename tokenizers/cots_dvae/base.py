@@ -1,4 +1,5 @@
 """The image tokenizer interface: frozen pixels -> discrete token ids (MIM targets)."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -44,7 +45,7 @@ class ImageTokenizer(nn.Module, ABC):
         self.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "ImageTokenizer":
+    def train(self, mode: bool = True) -> ImageTokenizer:
         # Lightning calls model.train() every epoch; dropout/BN-like behaviour and
         # the frozen state must not change with it.
         return super().train(False)

@@ -3,6 +3,7 @@
 This is the ONLY place in the package that unpickles, and only when a user runs
 ``cots-dvae convert``. Everything else reads the safetensors output.
 """
+
 from __future__ import annotations
 
 import sys
@@ -46,8 +47,12 @@ def convert_pickled_encoder(pkl: str | Path, out: str | Path) -> Path:
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     arch = infer_encoder_arch(state)
     if isinstance(obj, torch.nn.Module):
-        declared = DVAEArch(**{k: int(getattr(obj, k, getattr(arch, k))) for k in
-                               ("n_hid", "n_blk_per_group", "vocab_size", "input_channels")})
+        declared = DVAEArch(
+            **{
+                k: int(getattr(obj, k, getattr(arch, k)))
+                for k in ("n_hid", "n_blk_per_group", "vocab_size", "input_channels")
+            }
+        )
         if declared != arch:
             raise ValueError(f"{pkl}: module attributes {declared} disagree with tensor shapes {arch}")
     # Round-trip through a fresh module: catches a state dict of the wrong kind now,

@@ -1,4 +1,5 @@
 """The DALL-E dVAE encoder as a frozen image tokenizer (BEiT-style MIM targets)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +42,12 @@ class DalleTokenizer(ImageTokenizer):
         map_location: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
-        given = {"n_hid": n_hid, "n_blk_per_group": n_blk_per_group,
-                 "vocab_size": vocab_size, "input_channels": input_channels}
+        given = {
+            "n_hid": n_hid,
+            "n_blk_per_group": n_blk_per_group,
+            "vocab_size": vocab_size,
+            "input_channels": input_channels,
+        }
         requested: dict[str, int] = {k: v for k, v in given.items() if v is not None}
         if weights is None:
             arch, state, file_size = DVAEArch(**requested), None, None
@@ -82,8 +87,9 @@ class DalleTokenizer(ImageTokenizer):
         x = images.float()
         if x.shape[-2:] != (self.input_size, self.input_size):
             # antialias: the dVAE usually sees a downscaled copy of the ViT crop.
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
-                              align_corners=False, antialias=True).clamp_(0, 1)
+            x = F.interpolate(
+                x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True
+            ).clamp_(0, 1)
         return map_pixels(x)
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:

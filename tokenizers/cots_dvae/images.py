@@ -3,6 +3,7 @@
 Takes image paths, not manifests: ``cots_dvae`` imports nothing from ``cots``; ``cots-dvae train``
 (:mod:`cots.prepare.dvae_cli`) reads the manifest and passes its image paths.
 """
+
 from __future__ import annotations
 
 import sys

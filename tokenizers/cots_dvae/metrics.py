@@ -1,4 +1,5 @@
 """Evaluation of a dVAE: hard-token reconstruction error and codebook usage."""
+
 from __future__ import annotations
 
 import math

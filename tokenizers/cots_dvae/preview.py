@@ -1,4 +1,5 @@
 """A PNG sheet of originals beside their reconstructions."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,9 @@ import torch
 from PIL import Image
 
 
-def save_comparison(path: str | Path, originals: torch.Tensor, recons: torch.Tensor, per_row: int = 4,
-                    scale: int = 2) -> Path:
+def save_comparison(
+    path: str | Path, originals: torch.Tensor, recons: torch.Tensor, per_row: int = 4, scale: int = 2
+) -> Path:
     """Write pairs (original | reconstruction), ``per_row`` pairs per row.
 
     Args:

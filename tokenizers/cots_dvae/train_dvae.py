@@ -13,6 +13,7 @@ paper's beta = 6.6 gives about 7e-4, hence the default ``kl_weight`` = 1e-3.
 tau anneals exponentially from ``temp_start`` to ``temp_end``; beta warms up
 linearly from 0 (both as in the paper, compressed to the run length).
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,9 @@ class TrainConfig:
 
     @property
     def arch(self) -> DVAEArch:
-        return DVAEArch(n_hid=self.n_hid, n_blk_per_group=self.n_blk_per_group,
-                        vocab_size=self.vocab_size, n_init=self.n_init)
+        return DVAEArch(
+            n_hid=self.n_hid, n_blk_per_group=self.n_blk_per_group, vocab_size=self.vocab_size, n_init=self.n_init
+        )
 
 
 def temperature(cfg: TrainConfig, step: int) -> float:
@@ -92,8 +94,9 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def dvae_loss(encoder: torch.nn.Module, decoder: torch.nn.Module, x: torch.Tensor, tau: float,
-              beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+def dvae_loss(
+    encoder: torch.nn.Module, decoder: torch.nn.Module, x: torch.Tensor, tau: float, beta: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """One training objective evaluation.
 
     Args:
@@ -122,8 +125,7 @@ def split_heldout(images: torch.Tensor, frac: float, seed: int) -> tuple[torch.T
     return images[perm[n_held:]], images[perm[:n_held]]
 
 
-def train_dvae(images: torch.Tensor, cfg: TrainConfig, out: str | Path | None = None,
-               log=print) -> dict:
+def train_dvae(images: torch.Tensor, cfg: TrainConfig, out: str | Path | None = None, log=print) -> dict:
     """Train encoder + decoder on ``images``; optionally save weights, PNG and metrics.
 
     Args:
@@ -150,8 +152,10 @@ def train_dvae(images: torch.Tensor, cfg: TrainConfig, out: str | Path | None = 
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     init = evaluate_dvae(encoder, decoder, held, cfg.vocab_size)
-    log(f"init: recon_mse={init['recon_mse']:.4f} perplexity={init['perplexity']:.1f} "
-        f"codes_used={init['n_codes_used']}/{cfg.vocab_size}  (train {len(train_set)}, heldout {len(held)})")
+    log(
+        f"init: recon_mse={init['recon_mse']:.4f} perplexity={init['perplexity']:.1f} "
+        f"codes_used={init['n_codes_used']}/{cfg.vocab_size}  (train {len(train_set)}, heldout {len(held)})"
+    )
 
     gen = torch.Generator().manual_seed(cfg.seed)
     order, cursor, start, step = torch.randperm(len(train_set), generator=gen), 0, time.time(), 0
@@ -174,40 +178,67 @@ def train_dvae(images: torch.Tensor, cfg: TrainConfig, out: str | Path | None = 
         optim.step()
         elapsed = time.time() - start
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            log(f"step {step:5d}/{cfg.steps} loss={loss.item():.4f} mse={parts['mse']:.4f} "
-                f"kl={parts['kl']:.3f} tau={tau:.3f} beta={beta:.2e} {elapsed / (step + 1):.2f}s/step")
+            log(
+                f"step {step:5d}/{cfg.steps} loss={loss.item():.4f} mse={parts['mse']:.4f} "
+                f"kl={parts['kl']:.3f} tau={tau:.3f} beta={beta:.2e} {elapsed / (step + 1):.2f}s/step"
+            )
         if cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes:
             log(f"stopping at step {step + 1}: max_minutes={cfg.max_minutes} reached")
             break
     seconds = time.time() - start
 
     final = evaluate_dvae(encoder, decoder, held, cfg.vocab_size)
-    log(f"final: recon_mse={final['recon_mse']:.4f} perplexity={final['perplexity']:.1f} "
-        f"codes_used={final['n_codes_used']}/{cfg.vocab_size} ({seconds:.0f}s)")
-    result = {"init": init, "final": final, "steps_done": step + 1, "seconds": seconds,
-              "n_train": len(train_set), "n_heldout": len(held)}
+    log(
+        f"final: recon_mse={final['recon_mse']:.4f} perplexity={final['perplexity']:.1f} "
+        f"codes_used={final['n_codes_used']}/{cfg.vocab_size} ({seconds:.0f}s)"
+    )
+    result = {
+        "init": init,
+        "final": final,
+        "steps_done": step + 1,
+        "seconds": seconds,
+        "n_train": len(train_set),
+        "n_heldout": len(held),
+    }
     if out is not None:
         _save(Path(out), cfg, result, encoder, decoder, held, log)
     return {**result, "encoder": encoder, "decoder": decoder}
 
 
-def _save(out: Path, cfg: TrainConfig, result: dict, encoder: torch.nn.Module, decoder: torch.nn.Module,
-          held: torch.Tensor, log) -> None:
+def _save(
+    out: Path,
+    cfg: TrainConfig,
+    result: dict,
+    encoder: torch.nn.Module,
+    decoder: torch.nn.Module,
+    held: torch.Tensor,
+    log,
+) -> None:
     info = {"config": asdict(cfg), **result}
-    save_weights(out, DVAEWeights(
-        encoder=encoder.state_dict(), decoder=decoder.state_dict(), arch=cfg.arch, input_size=cfg.input_size,
-        extra={"source": "trained by cots-dvae train", "train": json.dumps(info)},
-    ))
+    save_weights(
+        out,
+        DVAEWeights(
+            encoder=encoder.state_dict(),
+            decoder=decoder.state_dict(),
+            arch=cfg.arch,
+            input_size=cfg.input_size,
+            extra={"source": "trained by cots-dvae train", "train": json.dumps(info)},
+        ),
+    )
     sample = held[:16]
-    png = save_comparison(out.with_name(out.stem + "_recon.png"), sample,
-                          reconstruct(encoder.eval(), decoder.eval(), sample, cfg.vocab_size))
+    png = save_comparison(
+        out.with_name(out.stem + "_recon.png"),
+        sample,
+        reconstruct(encoder.eval(), decoder.eval(), sample, cfg.vocab_size),
+    )
     metrics = out.with_name(out.stem + "_metrics.json")
     metrics.write_text(json.dumps(info, indent=2))
     log(f"saved {out}, {png}, {metrics}")
 
 
-def train_from_paths(paths: Sequence[str | Path], out: str | Path, cfg: TrainConfig,
-                     source: str | Path = "images") -> dict:
+def train_from_paths(
+    paths: Sequence[str | Path], out: str | Path, cfg: TrainConfig, source: str | Path = "images"
+) -> dict:
     """Load the images at ``paths`` at ``cfg.input_size`` and run ``train_dvae``.
 
     Args:

@@ -10,6 +10,7 @@ Metadata (all strings, as safetensors requires):
 
 Reading uses ``safetensors`` only: nothing here ever unpickles.
 """
+
 from __future__ import annotations
 
 import json
@@ -97,7 +98,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> DVAEWe
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _existing(path: str | Path) -> Path:
