@@ -19,7 +19,7 @@ REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "http://", "https://")
 # Bytes per range request: several samples of a few tens of kB each, so that a sequential read
 # costs one request per block, and a start in the middle of a shard skips the bytes before it.
 BLOCK_SIZE = 1 << 20
-_VERSION_KEYS = ("ETag", "etag", "md5Hash", "generation", "LastModified", "last_modified", "updated", "mtime")
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "generation", "LastModified", "last_modified", "updated")
 
 
 class RemoteError(OSError):
@@ -100,6 +100,6 @@ def opened_version(url: str, file: IO[bytes]) -> dict:
         stat = os.fstat(file.fileno())
         return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     details = dict(getattr(file, "details", None) or {})
-    if details.get("size") is None:
-        details["size"] = file.size
-    return {"bytes": int(details["size"]), "etag": _etag(details)}
+    if _etag(details) is None:  # an HTTP file keeps only its size: ask once more (a HEAD request)
+        return shard_version(url)
+    return {"bytes": int(details.get("size") or file.size), "etag": _etag(details)}

@@ -102,17 +102,17 @@ def scan_shard(file: IO[bytes], size: int, stride: int) -> dict:
             break
         if member is None:
             break
-        end = member.offset_data + (-(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
-        if member.offset_data + member.size > size:
-            truncated = True
-            break
         key_, ext = split_name(member.name)
-        if key_ != key:
+        if key_ != key:  # the sample before is complete
             if key is not None:
                 samples += 1
             if samples % stride == 0:
                 offsets.append(member.offset)
             key = key_
+        end = member.offset_data + (-(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
+        if member.offset_data + member.size > size:
+            truncated = True
+            break
         if member.isfile():
             members[ext] += 1
     # A whole tar ends with two zero blocks after the last member; a cut inside a header reads
