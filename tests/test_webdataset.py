@@ -18,13 +18,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 from webdata_helpers import (
+    KEEP_IN_CUT_SHARD,
     NOT_SERVED,
+    PER_SHARD,
     http_server,
+    img2dataset_folder,
     jpeg_bytes,
-    make_url_images,
-    run_img2dataset,
     shard_pairs_to_manifest,
-    truncate_shard,
     usable,
 )
 
@@ -42,22 +42,11 @@ from cots.prepare.cli import main as cots_data
 from cots.prepare.shard_indexer import index_shards
 
 TRANSFORM = build_train_transform(16)
-URLS, PER_SHARD = 80, 16  # 5 shards of 15 samples (one url in 16 is not served)
-KEEP_IN_CUT_SHARD = 6  # 00004.tar is cut inside its 7th sample
 
 
 @pytest.fixture(scope="session")
 def i2d(tmp_path_factory) -> Path:
-    """img2dataset output (5 shards + parquet + _stats.json), the last shard cut by hand, indexed beside."""
-    root = tmp_path_factory.mktemp("i2d")
-    with http_server(root / "www") as server:
-        url_list = make_url_images(root, URLS, server.url)
-        run_img2dataset(url_list, root / "shards", PER_SHARD)
-    shards = root / "shards"
-    assert sorted(p.name for p in shards.glob("*.tar")) == [f"{i:05d}.tar" for i in range(5)]
-    truncate_shard(shards / "00004.tar", KEEP_IN_CUT_SHARD)
-    assert cots_data(["index-shards", str(shards), "--workers", "2"]) == 0
-    return shards
+    return img2dataset_folder(tmp_path_factory)
 
 
 def _items(pairs: ShardPairs, workers: int = 0) -> list[dict]:

@@ -156,6 +156,31 @@ def truncate_shard(path: Path, keep_samples: int) -> None:
         f.truncate(cut)
 
 
+URLS, PER_SHARD = 80, 16  # 5 shards of 15 samples (one url in 16 is not served)
+KEEP_IN_CUT_SHARD = 6  # 00004.tar is cut inside its 7th sample
+
+
+def img2dataset_folder(tmp_path_factory) -> Path:
+    """img2dataset output (5 shards + parquet + _stats.json), the last shard cut by hand, indexed beside.
+
+    Built once per test session (under the session's base folder) for every module that asks.
+    """
+    from cots.prepare.cli import main as cots_data
+
+    root = tmp_path_factory.getbasetemp() / "img2dataset"
+    shards = root / "shards"
+    if (shards / "cots-index.json").is_file():
+        return shards
+    (root / "www").mkdir(parents=True, exist_ok=True)
+    with http_server(root / "www") as server:
+        url_list = make_url_images(root, URLS, server.url)
+        run_img2dataset(url_list, shards, PER_SHARD)
+    assert sorted(p.name for p in shards.glob("*.tar")) == [f"{i:05d}.tar" for i in range(5)]
+    truncate_shard(shards / "00004.tar", KEEP_IN_CUT_SHARD)
+    assert cots_data(["index-shards", str(shards), "--workers", "2"]) == 0
+    return shards
+
+
 def shard_pairs_to_manifest(shards, out: Path) -> Path:
     """The samples of the shards, in sample-id order, as image files + ``manifest.json``: the same pairs.
 

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cots.data.datasets import Collate, GalleryCaptions, GalleryImages, ImageTextPairs, check_pair_groups
+from cots.data.decode import Decoder
 from cots.data.images import build_eval_transform, build_train_transform
 from cots.data.manifest import ManifestEntry, load_manifest
 from cots.data.noise import write_noise_record
@@ -62,6 +63,8 @@ class ImageTextDataModule(L.LightningDataModule):
         members: which tar members are the image (extensions in order) and the caption (``txt``
             or ``json:<field>``); a source may set its own.
         shard_block_size: bytes per range request of remote shards (null: 1 MiB).
+        decoder: how shard images are decoded: ``pillow`` (as the manifest path), ``simplejpeg`` or
+            ``torchvision`` (:mod:`cots.data.decode`); ``jpeg_reduce``: decode large JPEGs at 1/2, 1/4, 1/8.
     """
 
     def __init__(
@@ -91,6 +94,8 @@ class ImageTextDataModule(L.LightningDataModule):
         train_shards_index: str | list | None = None,
         members: dict | None = None,
         shard_block_size: int | None = None,
+        decoder: str = "pillow",
+        jpeg_reduce: bool = False,
     ) -> None:
         super().__init__()
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
@@ -121,6 +126,8 @@ class ImageTextDataModule(L.LightningDataModule):
             "block_size": shard_block_size,
         }
         self._shard_set: ShardSet | None = None
+        min_scale = float(self.train_transform_args.get("scale", (0.5, 1.0))[0])
+        self.decoder = Decoder(decoder, (image_size, min_scale) if jpeg_reduce else None)
         self.train_stream: ShardPairs | None = None
         self._resume_state: dict | None = None
         check_pair_groups(pair_groups)  # now, not at the first batch
@@ -227,7 +234,7 @@ class ImageTextDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         transform = build_train_transform(self.image_size, **self.train_transform_args)
         self.train_stream = ShardPairs(
-            self.shard_set(), transform, rank, world, self.seed, self.batch_size, **self.shard_args
+            self.shard_set(), transform, rank, world, self.seed, self.batch_size, **self.shard_args, decoder=self.decoder
         )
         if self._resume_state:
             self.train_stream.resume_from(self._resume_state["epoch"], self._resume_state["consumed"])

@@ -35,7 +35,6 @@ by seeking (local files, or range reads of remote ones). Each rank yields exactl
 
 from __future__ import annotations
 
-import io
 import json
 import multiprocessing
 import random
@@ -46,7 +45,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cots.data.datasets import MAX_SUBSTITUTIONS, clean_caption
-from cots.data.images import BadSample, load_rgb
+from cots.data.decode import Decoder
+from cots.data.images import BadSample
 from cots.data.shard_index import ShardError
 from cots.data.shard_set import (
     FORMAT,
@@ -177,6 +177,7 @@ class ShardPairs(IterableDataset):
         samples_per_epoch: resampled mode: samples per epoch over all ranks (default: the
             number of samples in the shards).
         block_size: bytes per range request of remote shards (None: :data:`cots.data.remote.BLOCK_SIZE`).
+        decoder: image bytes -> RGB (:class:`cots.data.decode.Decoder`; default: Pillow, as the manifest path).
     """
 
     def __init__(
@@ -191,6 +192,7 @@ class ShardPairs(IterableDataset):
         resampled: bool = False,
         samples_per_epoch: int | None = None,
         block_size: int | None = None,
+        decoder: Decoder | None = None,
     ) -> None:
         if samples_per_epoch is not None and not resampled:
             raise ShardError("samples_per_epoch applies to resampled mode only (an epoch is every sample once)")
@@ -198,6 +200,7 @@ class ShardPairs(IterableDataset):
         self.transform, self.rank, self.world_size, self.seed = transform, rank, world_size, seed
         self.batch_size, self.shuffle_buffer, self.resampled = batch_size, shuffle_buffer, resampled
         self.block_size = block_size
+        self.decoder = decoder or Decoder()
         # a cots-data shards folder read alone keeps its pair indices as `index`
         self.keyed = len(self.shard_set.sources) == 1 and self.shard_set.sources[0].keyed
         self.epoch_samples = len(EpochStream(self.shard_set, seed, 0))
@@ -252,7 +255,7 @@ class ShardPairs(IterableDataset):
             # The crop is a function of the sample. Only the CPU generator: fork_rng(devices=[])
             # restores no other (and torch.manual_seed costs ~1 ms in its wrappers).
             torch.default_generator.manual_seed(crop_seed & 0x7FFF_FFFF_FFFF_FFFF)
-            image = self.transform(load_rgb(io.BytesIO(data)))
+            image = self.transform(self.decoder(data))
         item = {"image": image, "caption": caption, "index": self._index(sample), "skipped": []}
         if source.keyed and "json" in sample:  # the pair's image, for data.pair_groups=image
             item["image_id"] = int(json.loads(sample["json"]).get("image_index", -1))

@@ -1,0 +1,111 @@
+"""Training on img2dataset shards in place: the same weights as the manifest path fed the same batches, in one
+and two processes; exact resume after kill -9 of a 2-process run; streaming from a local HTTP server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+from omegaconf import open_dict
+from test_crash_resume import _ddp_spawn_threads, _kill_mid_run, _largest_difference
+from webdata_helpers import http_server, img2dataset_folder, shard_pairs_to_manifest
+
+from cots.checkpoints import read_checkpoint
+from cots.prepare.cli import main as cots_data
+from cots.train import train
+
+# 66 samples in the shards (13 of them bad): 4 steps of 16 per epoch, on 1 or 2 processes.
+STEPS_PER_EPOCH = 4
+COMMON = (
+    "trainer.deterministic=true",
+    "trainer.limit_val_batches=0",
+    "trainer.check_val_every_n_epoch=null",
+    "trainer.max_epochs=-1",
+    "module.max_skip_fraction=0.5",  # a fifth of these shards is bad on purpose
+    "data.num_workers=2",
+    "data.shuffle_buffer=8",
+    "model.encoder.text_tower.dropout=0.1",
+    "model.encoder.image_tower.drop_path_rate=0.1",
+)
+DDP = ("trainer=ddp_spawn_cpu", "data.batch_size=8")  # 2 processes x 8 = the global batch of 16
+
+
+@pytest.fixture(scope="session")
+def i2d(tmp_path_factory) -> Path:
+    return img2dataset_folder(tmp_path_factory)
+
+
+def _with_callback(cfg, name: str, target: str, **kwargs):
+    with open_dict(cfg):
+        cfg.callbacks[name] = {"_target_": target, **kwargs}
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2])
+def test_trains_to_the_weights_of_the_manifest_path_fed_the_same_batches(make_cfg, tmp_path, i2d, world):
+    """The comparison, defined: the shard run's batches (per rank, the sample ids of every step, bad samples
+    already replaced by the stream) are recorded; the manifest path then trains on a manifest of the same pairs
+    (``shard_pairs_to_manifest``: every sample of the shards as a file, in sample-id order) with a sampler
+    that replays that order, each crop seeded by the same (seed, epoch, sample). Same batches, same crops, same
+    tokenizer (trained on the same captions in the same order): the weights after 10 steps (two epoch
+    boundaries) must agree to 1e-6, on one process and on two."""
+    ddp = DDP if world == 2 else ()
+    record = tmp_path / "batches"
+    shard_cfg = make_cfg(*COMMON, *ddp, f"data.train_shards={i2d}", "trainer.max_steps=10")
+    _, shards = train(_with_callback(shard_cfg, "record", "webdata_helpers.RecordBatches", out_dir=str(record)))
+    assert shards["trainer"].num_training_batches == STEPS_PER_EPOCH
+    batches = [json.loads((record / f"rank{r}.json").read_text()) for r in range(world)]
+    assert all(len(b) == 10 for b in batches)
+
+    manifest = shard_pairs_to_manifest(i2d, tmp_path / "manifest")
+    _, replayed = train(
+        make_cfg(
+            *COMMON,
+            *ddp,
+            f"data.train_manifest={manifest}",
+            "data._target_=webdata_helpers.ReplayDataModule",
+            f"+data.replay={record}",
+            f"+data.steps_per_epoch={STEPS_PER_EPOCH}",
+            "trainer.max_steps=10",
+        )
+    )
+    worst, diff = _largest_difference(shards["module"].state_dict(), replayed["module"].state_dict())
+    print(f"{world} process(es): img2dataset shards vs the manifest of the same pairs: largest difference {diff:.3g}")
+    assert diff <= 1e-6, (worst, diff)
+
+
+@pytest.mark.slow
+def test_ddp_kill_9_mid_epoch_on_img2dataset_shards_then_resume_exactly(make_cfg, tmp_path, data_dir, i2d):
+    """The node-failure drill on the 2-process loopback run: kill -9 the whole process group after a mid-epoch
+    last.ckpt, resume with ckpt_path=, and end on the uninterrupted run's weights."""
+    common = (*COMMON, *DDP, f"data.train_shards={i2d}", "callbacks.recovery_checkpoint.every_n_steps=3")
+    _, full = train(make_cfg(*common, "trainer.max_steps=12"))
+    overrides = [*TINY, *common, "trainer.max_steps=1000", f"paths.data_dir={data_dir}"]
+    last = _kill_mid_run(overrides, tmp_path / "crashed", min_step=5, threads=_ddp_spawn_threads())
+    step = read_checkpoint(last)["global_step"]
+    assert 5 <= step < 12 and step % STEPS_PER_EPOCH, step  # inside an epoch
+    _, resumed = train(make_cfg(*common, "trainer.max_steps=12", f"ckpt_path={last}"))
+    worst, diff = _largest_difference(full["module"].state_dict(), resumed["module"].state_dict())
+    print(f"2-process DDP on img2dataset shards: kill -9 at step {step}, resumed: largest difference {diff:.3g}")
+    assert diff <= 1e-6, (worst, diff)
+
+
+@pytest.mark.slow
+def test_trains_from_a_local_http_server_as_from_the_folder(make_cfg, tmp_path, i2d):
+    """The same shards over http://127.0.0.1 (range reads, index written elsewhere with --out) train to the
+    same weights as from the folder: same counts, same sample ids, same crops."""
+    common = (*COMMON, "trainer.max_steps=6")
+    _, local = train(make_cfg(*common, f"data.train_shards={i2d}"))
+    with http_server(i2d) as server:
+        url = f"{server.url}/{{00000..00004}}.tar"
+        index = tmp_path / "http-index.json"
+        assert cots_data(["index-shards", url, "--out", str(index), "--workers", "1"]) == 0
+        server.requests.clear()
+        _, remote = train(make_cfg(*common, f"data.train_shards='{url}'", f"data.train_shards_index={index}"))
+        tar_gets = [r for r in server.requests if r[0] == "GET" and r[1].endswith(".tar")]
+    assert tar_gets and all(r[2] for r in tar_gets), tar_gets  # every read of a shard was a range request
+    worst, diff = _largest_difference(local["module"].state_dict(), remote["module"].state_dict())
+    assert diff <= 1e-6, (worst, diff)
