@@ -56,7 +56,8 @@ def test_trains_to_the_weights_of_the_manifest_path_fed_the_same_batches(make_cf
     record = tmp_path / "batches"
     shard_cfg = make_cfg(*COMMON, *ddp, f"data.train_shards={i2d}", "trainer.max_steps=10")
     _, shards = train(_with_callback(shard_cfg, "record", "webdata_helpers.RecordBatches", out_dir=str(record)))
-    assert shards["trainer"].num_training_batches == STEPS_PER_EPOCH
+    if world == 1:  # (a ddp_spawn parent runs no loop of its own)
+        assert shards["trainer"].num_training_batches == STEPS_PER_EPOCH
     batches = [json.loads((record / f"rank{r}.json").read_text()) for r in range(world)]
     assert all(len(b) == 10 for b in batches)
 

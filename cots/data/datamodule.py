@@ -305,7 +305,7 @@ class ImageTextDataModule(L.LightningDataModule):
         if self.train_shards:
             try:
                 self.shard_set()
-            except ShardError as err:
+            except (ShardError, OSError) as err:  # OSError: a remote store that cannot be reached
                 problems.append(f"data.train_shards: {err}")
             if self.noise_rate > 0:
                 problems.append("data.noise_rate: not supported with data.train_shards")
