@@ -37,10 +37,29 @@ def i2d(tmp_path_factory) -> Path:
     return img2dataset_folder(tmp_path_factory)
 
 
-def _with_callback(cfg, name: str, target: str, **kwargs):
-    with open_dict(cfg):
-        cfg.callbacks[name] = {"_target_": target, **kwargs}
-    return cfg
+STEPS = 12  # three epochs: two epoch boundaries
+_SHARD_RUNS: dict[int, tuple[dict, Path]] = {}  # world size -> (state dict, folder of recorded batches)
+
+
+def _shard_run(make_cfg, tmp_path: Path, i2d: Path, world: int) -> tuple[dict, Path]:
+    """STEPS steps on the img2dataset shards on ``world`` processes, recording every rank's batches and writing
+    last.ckpt every 3 steps (which changes nothing); run once per world size for the tests of this module."""
+    if world not in _SHARD_RUNS:
+        record = tmp_path / f"batches-{world}"
+        cfg = make_cfg(
+            *COMMON,
+            *(DDP if world == 2 else ()),
+            f"data.train_shards={i2d}",
+            f"trainer.max_steps={STEPS}",
+            "callbacks.recovery_checkpoint.every_n_steps=3",
+        )
+        with open_dict(cfg):
+            cfg.callbacks.record = {"_target_": "webdata_helpers.RecordBatches", "out_dir": str(record)}
+        _, objects = train(cfg)
+        if world == 1:  # (a ddp_spawn parent runs no loop of its own)
+            assert objects["trainer"].num_training_batches == STEPS_PER_EPOCH
+        _SHARD_RUNS[world] = ({k: v.clone() for k, v in objects["module"].state_dict().items()}, record)
+    return _SHARD_RUNS[world]
 
 
 @pytest.mark.slow
@@ -50,30 +69,24 @@ def test_trains_to_the_weights_of_the_manifest_path_fed_the_same_batches(make_cf
     already replaced by the stream) are recorded; the manifest path then trains on a manifest of the same pairs
     (``shard_pairs_to_manifest``: every sample of the shards as a file, in sample-id order) with a sampler
     that replays that order, each crop seeded by the same (seed, epoch, sample). Same batches, same crops, same
-    tokenizer (trained on the same captions in the same order): the weights after 10 steps (two epoch
+    tokenizer (trained on the same captions in the same order): the weights after 12 steps (two epoch
     boundaries) must agree to 1e-6, on one process and on two."""
-    ddp = DDP if world == 2 else ()
-    record = tmp_path / "batches"
-    shard_cfg = make_cfg(*COMMON, *ddp, f"data.train_shards={i2d}", "trainer.max_steps=10")
-    _, shards = train(_with_callback(shard_cfg, "record", "webdata_helpers.RecordBatches", out_dir=str(record)))
-    if world == 1:  # (a ddp_spawn parent runs no loop of its own)
-        assert shards["trainer"].num_training_batches == STEPS_PER_EPOCH
+    expected, record = _shard_run(make_cfg, tmp_path, i2d, world)
     batches = [json.loads((record / f"rank{r}.json").read_text()) for r in range(world)]
-    assert all(len(b) == 10 for b in batches)
-
+    assert all(len(b) == STEPS for b in batches)
     manifest = shard_pairs_to_manifest(i2d, tmp_path / "manifest")
     _, replayed = train(
         make_cfg(
             *COMMON,
-            *ddp,
+            *(DDP if world == 2 else ()),
             f"data.train_manifest={manifest}",
             "data._target_=webdata_helpers.ReplayDataModule",
             f"+data.replay={record}",
             f"+data.steps_per_epoch={STEPS_PER_EPOCH}",
-            "trainer.max_steps=10",
+            f"trainer.max_steps={STEPS}",
         )
     )
-    worst, diff = _largest_difference(shards["module"].state_dict(), replayed["module"].state_dict())
+    worst, diff = _largest_difference(expected, replayed["module"].state_dict())
     print(f"{world} process(es): img2dataset shards vs the manifest of the same pairs: largest difference {diff:.3g}")
     assert diff <= 1e-6, (worst, diff)
 
@@ -82,14 +95,14 @@ def test_trains_to_the_weights_of_the_manifest_path_fed_the_same_batches(make_cf
 def test_ddp_kill_9_mid_epoch_on_img2dataset_shards_then_resume_exactly(make_cfg, tmp_path, data_dir, i2d):
     """The node-failure drill on the 2-process loopback run: kill -9 the whole process group after a mid-epoch
     last.ckpt, resume with ckpt_path=, and end on the uninterrupted run's weights."""
+    expected, _ = _shard_run(make_cfg, tmp_path, i2d, 2)
     common = (*COMMON, *DDP, f"data.train_shards={i2d}", "callbacks.recovery_checkpoint.every_n_steps=3")
-    _, full = train(make_cfg(*common, "trainer.max_steps=12"))
     overrides = [*TINY, *common, "trainer.max_steps=1000", f"paths.data_dir={data_dir}"]
     last = _kill_mid_run(overrides, tmp_path / "crashed", min_step=5, threads=_ddp_spawn_threads())
     step = read_checkpoint(last)["global_step"]
-    assert 5 <= step < 12 and step % STEPS_PER_EPOCH, step  # inside an epoch
-    _, resumed = train(make_cfg(*common, "trainer.max_steps=12", f"ckpt_path={last}"))
-    worst, diff = _largest_difference(full["module"].state_dict(), resumed["module"].state_dict())
+    assert 5 <= step < STEPS and step % STEPS_PER_EPOCH, step  # inside an epoch
+    _, resumed = train(make_cfg(*common, f"trainer.max_steps={STEPS}", f"ckpt_path={last}"))
+    worst, diff = _largest_difference(expected, resumed["module"].state_dict())
     print(f"2-process DDP on img2dataset shards: kill -9 at step {step}, resumed: largest difference {diff:.3g}")
     assert diff <= 1e-6, (worst, diff)
 
@@ -98,15 +111,21 @@ def test_ddp_kill_9_mid_epoch_on_img2dataset_shards_then_resume_exactly(make_cfg
 def test_trains_from_a_local_http_server_as_from_the_folder(make_cfg, tmp_path, i2d):
     """The same shards over http://127.0.0.1 (range reads, index written elsewhere with --out) train to the
     same weights as from the folder: same counts, same sample ids, same crops."""
-    common = (*COMMON, "trainer.max_steps=6")
-    _, local = train(make_cfg(*common, f"data.train_shards={i2d}"))
+    expected, _ = _shard_run(make_cfg, tmp_path, i2d, 1)
     with http_server(i2d) as server:
         url = f"{server.url}/{{00000..00004}}.tar"
         index = tmp_path / "http-index.json"
         assert cots_data(["index-shards", url, "--out", str(index), "--workers", "1"]) == 0
         server.requests.clear()
-        _, remote = train(make_cfg(*common, f"data.train_shards='{url}'", f"data.train_shards_index={index}"))
+        _, remote = train(
+            make_cfg(
+                *COMMON,
+                f"trainer.max_steps={STEPS}",
+                f"data.train_shards='{url}'",
+                f"data.train_shards_index={index}",
+            )
+        )
         tar_gets = [r for r in server.requests if r[0] == "GET" and r[1].endswith(".tar")]
     assert tar_gets and all(r[2] for r in tar_gets), tar_gets  # every read of a shard was a range request
-    worst, diff = _largest_difference(local["module"].state_dict(), remote["module"].state_dict())
+    worst, diff = _largest_difference(expected, remote["module"].state_dict())
     assert diff <= 1e-6, (worst, diff)
