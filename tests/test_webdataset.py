@@ -267,3 +267,28 @@ def test_streams_from_http_with_range_reads(i2d: Path, tmp_path: Path) -> None:
 def test_img2dataset_leaves_the_404s_out(i2d: Path) -> None:
     keys = [s["__key__"] for s in read_shard(str(i2d / "00000.tar"))]
     assert len(keys) == PER_SHARD - 1 and f"{NOT_SERVED:09d}" not in keys
+
+
+def test_fast_decoders_give_pillows_pixels_and_fall_back_to_it() -> None:
+    """simplejpeg and torchvision decode JPEGs bit-identically to Pillow (all libjpeg-turbo); what they refuse
+    (a truncated file, a PNG) goes to Pillow, which decodes it or names the reason. DCT-reduced decoding
+    applies only when the smallest crop stays at least the output size."""
+    from torchvision.transforms.v2 import functional as F
+
+    from cots.data.decode import Decoder, reduced_size
+    from cots.data.images import BadSample
+
+    data = jpeg_bytes(7, 300, 200)
+    pillow = F.to_image(Decoder("pillow")(data))
+    for name in ("simplejpeg", "torchvision"):
+        fast = Decoder(name)(data)
+        assert isinstance(fast, torch.Tensor) and torch.equal(fast, pillow.as_subclass(torch.Tensor)), name
+        with pytest.raises(BadSample, match="undecodable"):
+            Decoder(name)(data[: len(data) // 2])
+        assert Decoder(name)(_png()).size == (20, 20)  # Pillow's PIL image
+    assert reduced_size(1024, 768, 224, 0.5) == (512, 384) and reduced_size(512, 384, 224, 0.5) is None
+    assert reduced_size(2048, 1536, 224, 0.5) == (512, 384)  # 1/4: the smallest crop, 1086 px, is still 271 px
+    assert Decoder("simplejpeg", (16, 0.5))(jpeg_bytes(1, 320, 240)).shape == (3, 30, 40)  # 1/8 of 320 x 240
+    assert Decoder("pillow", (16, 0.5))(jpeg_bytes(1, 320, 240)).size == (40, 30)
+    with pytest.raises(ValueError, match="data.decoder"):
+        Decoder("pil")

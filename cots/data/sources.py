@@ -25,6 +25,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,7 @@ def shard_urls(spec: str) -> tuple[list[str], str | None]:
                 urls.append(str(path))  # a plain file name: checked when indexed / opened
     if not urls and own_index is None:
         raise SourceError(f"{spec}: no .tar shards found")
-    duplicates = sorted({u for u in urls if urls.count(u) > 1})
+    duplicates = sorted(u for u, n in Counter(urls).items() if n > 1)
     if duplicates:
         raise SourceError(f"{spec}: shards named twice: {duplicates[:3]}")
     return urls, own_index
