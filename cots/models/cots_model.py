@@ -257,13 +257,18 @@ class COTSModel(nn.Module):
 
     @torch.no_grad()
     def cmlm_generator_logits(
-        self, masked_ids: torch.Tensor, attention_mask: torch.Tensor, image_global: torch.Tensor, chosen: torch.Tensor
+        self,
+        masked_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_global: torch.Tensor | None,
+        chosen: torch.Tensor,
     ) -> torch.Tensor:
         """The CMLM head as ViLEM's error generator: (M, V_txt) logits at the chosen [MASK] positions.
 
         Args:
             masked_ids, attention_mask: (B, L) captions with [MASK] at the chosen positions.
-            image_global: (B, W_v) image [CLS]; chosen: (B, L) bool.
+            image_global: (B, W_v) image [CLS], or None for the text-only generator (no fusion with the image).
+            chosen: (B, L) bool.
         """
         if self.cmlm_head is None:
             raise ValueError(
