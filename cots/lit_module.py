@@ -100,7 +100,11 @@ class COTSLitModule(L.LightningModule):
             seed_rank_streams(self.seed, self.trainer.global_rank)
 
     def on_train_start(self) -> None:
-        # The momentum encoders are in eval mode on purpose (no dropout in the keys); anything else is a bug.
+        # Transformers' from_pretrained returns its model in eval mode and Lightning keeps every module's mode:
+        # a pretrained text tower would fine-tune without its dropout. COTSModel.train() puts every online
+        # module in train mode and keeps the momentum encoders in eval (no dropout in the keys).
+        self.model.train()
+        # Anything else in eval mode now is a bug.
         others = [name for name, m in self.named_modules() if not m.training and not name.startswith("model.momentum_")]
         if others:
             rank_zero_warn(
