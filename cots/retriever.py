@@ -64,6 +64,7 @@ class Retriever:
         batch_size: the default batch of both encoders: the run's evaluation batch, so that a gallery in
             manifest order is encoded in the batches ``cots-eval`` uses.
         config: the export's config.json (architecture, provenance under ``metadata``).
+        encoder: the :class:`TwoStreamEncoder` (float32, eval mode, on ``device``); ``source``: the path it came from.
     """
 
     def __init__(self, model: LoadedModel, device: str | torch.device = "cpu", autocast: str | None = None) -> None:

@@ -49,20 +49,24 @@ class TextEncoderGraph(nn.Module):
 
 def _export(graph: nn.Module, inputs: tuple, names: list[str], dynamic: dict, path: Path) -> None:
     size = sum(p.numel() * p.element_size() for p in graph.parameters())
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on dynamic shapes and deprecations
-        torch.onnx.export(
-            graph,
-            inputs,
-            str(path),
-            input_names=names,
-            output_names=["embeddings"],
-            dynamic_shapes=dynamic,
-            opset_version=OPSET,
-            dynamo=True,
-            external_data=size > EXTERNAL_DATA_BYTES,
-            verbose=False,
-        )
+        try:
+            torch.onnx.export(
+                graph,
+                inputs,
+                str(path),
+                input_names=names,
+                output_names=["embeddings"],
+                dynamic_shapes=dynamic,
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=size > EXTERNAL_DATA_BYTES,
+                verbose=False,
+            )
+        except Exception as err:  # noqa: BLE001 - the exporter raises many kinds; say which graph failed
+            raise ExportError(f"the ONNX export of {path.name} failed: {err}\n{log.getvalue()[-2000:]}") from err
 
 
 def export_onnx(encoder: TwoStreamEncoder, folder: Path, image_size: int) -> list[Path]:
