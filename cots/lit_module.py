@@ -88,6 +88,9 @@ class COTSLitModule(L.LightningModule):
         self._window_skipped = False
         self._gallery: dict[str, list] = {}
         self.last_retrieval: dict[str, float] = {}
+        # The last gallery table with its stage, step and gallery size (saved in checkpoints: an export's model
+        # card shows it); the sanity check's partial gallery is left out.
+        self.last_evaluation: dict = {}
         self.last_error_accuracy: dict[str, float] = {}  # ViLEM detection / correction accuracy (%), when on
         # [filtered & noisy, filtered & clean, kept & noisy, kept & clean] once AMF is active, over injected noise
         # (data.noise_rate); saved in the "cots" section of checkpoints, not in the state dict.
@@ -265,6 +268,14 @@ class COTSLitModule(L.LightningModule):
         error_counts = self._gallery.pop("error_counts", None)
         self._gallery.clear()
         self.last_retrieval = retrieval_metrics(images, texts, text_to_image, self.eval_chunk_size)
+        if not (self._trainer is not None and self.trainer.sanity_checking):
+            self.last_evaluation = {
+                "stage": prefix,  # val: the val gallery during training; test: trainer.test
+                "global_step": int(self.global_step),
+                "images": int(images.shape[0]),
+                "captions": int(texts.shape[0]),
+                "table": dict(self.last_retrieval),
+            }
         for name, value in self.last_retrieval.items():
             self.log(f"{prefix}/{name}", value, prog_bar=name == "rsum", sync_dist=False)
         if error_counts is not None:  # every rank scored the same captions
@@ -300,6 +311,7 @@ class COTSLitModule(L.LightningModule):
             "samples_seen": self.samples_seen,
             "rng": capture_rank_rng_states(),  # one entry per rank, in rank order
             "amf_noise_counts": self.amf_noise_counts.tolist(),
+            "last_evaluation": self.last_evaluation,  # {} before any; absent from older checkpoints
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -307,6 +319,7 @@ class COTSLitModule(L.LightningModule):
         state = checkpoint.get("cots", {})
         self.skipped = Counter(state.get("skipped", {}))
         self.samples_seen = state.get("samples_seen", 0)
+        self.last_evaluation = dict(state.get("last_evaluation") or {})
         if "amf_noise_counts" in state:
             self.amf_noise_counts.copy_(torch.tensor(state["amf_noise_counts"]))
         if state.get("rng"):

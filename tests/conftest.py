@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from cots.train import CONF_DIR
+from cots.train import CONF_DIR, train
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -73,3 +73,19 @@ def make_cfg(tmp_path: Path, data_dir: Path):
         return cfg
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_dir) -> Path:
+    """A run folder of the tiny towers trained for 2 steps, validated at step 2, then tested (as cots-train does):
+    ``checkpoints/last.ckpt``, ``retrieval.json``. Shared by the tests of ``cots.load`` and ``cots-export``."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    overrides = [*TINY, "trainer.max_steps=2", "trainer.val_check_interval=2", "test=true"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(root / "run")
+        cfg.paths.data_dir = str(data_dir)
+        cfg.paths.log_dir = str(root / "logs")
+    train(cfg)
+    return root / "run"
