@@ -52,9 +52,9 @@ seed of the noise table sees the same injected noise. Rows whose step does the s
 
 Files: records ``bench/results/evidence/<table>/<row>__seed<k>.json`` (written atomically when a run has
 been scored), tables ``bench/results/evidence/<table>.md``, run folders
-``logs/bench/evidence/<table>/<row>__seed<k>/`` (``plan.json``: its steps and the fingerprint of the code it started on, so a sitting refuses to resume it on
-other code; ``sittings.json``: the wall time
-of each sitting; ``checkpoints/last.ckpt`` every 50 steps until the record is written, then removed unless
+``logs/bench/evidence/<table>/<row>__seed<k>/`` (``plan.json``: its steps and a fingerprint of the code it
+started on, so that no sitting resumes it on other code; ``sittings.json``: the wall time of each sitting;
+``checkpoints/last.ckpt`` every 50 steps until the record is written, then removed unless
 ``--keep-checkpoints``: 0.45 GB a run). A table is a list of rows, each a name and its Hydra overrides on the
 table's base (``TABLES`` below): a new table, e.g. tuning candidates to compare with ``--split val``, is one
 more entry.
