@@ -16,7 +16,7 @@ install: $(STAMP)  ## create .venv and install cots with its test and optional e
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e ".[test,lint,minilm,export]"
+	$(BIN)/python -m pip install -q -e ".[test,lint,minilm,export,faiss]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 lint: install  ## ruff: lint rules and the format check (pyproject.toml [tool.ruff])
