@@ -8,15 +8,14 @@ an interrupted build leaving the previous index usable.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from image_files import HOUR_NS, IMAGES, age, write_image
 from PIL import Image
 
 import cots
@@ -30,15 +29,6 @@ from cots.search.index import SearchIndex
 from cots.search.layout import locked
 from cots.search.searcher import Searcher
 
-IMAGES = {  # relative path -> (colour, PIL mode); nested folders, every indexed format, an upper-case extension
-    "a/red.png": ((220, 20, 20), "RGB"),
-    "a/b/green.jpg": ((20, 200, 40), "RGB"),
-    "a/b/c/blue.webp": ((30, 40, 210), "RGB"),
-    "gif/anim.gif": ((240, 200, 10), "RGB"),
-    "bmp/yellow.bmp": ((250, 240, 20), "RGB"),
-    "Upper.PNG": ((120, 0, 160), "RGB"),
-    "rgba.png": ((10, 120, 10, 90), "RGBA"),
-}
 SKIPPED = {"empty_file": 1, "undecodable": 2}
 INDEX_KEYS = {
     "format",
@@ -61,48 +51,6 @@ INDEX_KEYS = {
     "updated_at",
     "software",
 }
-HOUR_NS = 3600 * 10**9
-
-
-def _write_image(path: Path, colour, mode: str = "RGB", size=(40, 30)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.new(mode, size, colour)
-    image.paste(Image.new(mode, (size[0] // 2, size[1] // 2), (255,) * len(colour)), (5, 5))  # not a flat image
-    image.save(path)
-
-
-def _age(path: Path, ns_ago: int) -> None:
-    """Set a file's mtime into the past: a file written just before a scan counts as changed (racy) next time."""
-    when = time.time_ns() - ns_ago
-    os.utime(path, ns=(when, when))
-
-
-@pytest.fixture
-def folder(tmp_path) -> Path:
-    """Seven images in nested folders, a truncated PNG, a text file named .jpg, an empty .png, a .txt, hidden files."""
-    root = tmp_path / "photos"
-    for rel, (colour, mode) in IMAGES.items():
-        _write_image(root / rel, colour, mode)
-    (root / "corrupt.png").write_bytes((root / "a/red.png").read_bytes()[:60])
-    (root / "a/fake.jpg").write_text("not a jpeg")
-    (root / "empty.png").write_bytes(b"")
-    (root / "notes.txt").write_text("not an image by extension")
-    _write_image(root / ".cache/hidden.png", (0, 0, 0))
-    _write_image(root / ".hidden.png", (0, 0, 0))
-    for path in root.rglob("*"):
-        if path.is_file():
-            _age(path, HOUR_NS)
-    return root
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_run) -> Path:
-    return tiny_run / "checkpoints" / "last.ckpt"
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint) -> Retriever:
-    return cots.load(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -282,12 +230,12 @@ def test_an_update_encodes_only_added_and_changed_files_and_equals_a_fresh_build
     indexed, folder, model, tmp_path, monkeypatch
 ):
     before = SearchIndex.open(indexed)
-    _write_image(folder / "a/new.png", (0, 200, 200))
+    write_image(folder / "a/new.png", (0, 200, 200))
     (folder / "bmp/yellow.bmp").unlink()
-    _write_image(folder / "a/b/green.jpg", (90, 90, 90), size=(50, 20))
+    write_image(folder / "a/b/green.jpg", (90, 90, 90), size=(50, 20))
     (folder / "empty.png").write_bytes((folder / "a/red.png").read_bytes())  # was empty: now an image
     for rel in ("a/new.png", "a/b/green.jpg", "empty.png"):
-        _age(folder / rel, HOUR_NS // 2)  # changed half an hour ago (well after the recorded mtimes)
+        age(folder / rel, HOUR_NS // 2)  # changed half an hour ago (well after the recorded mtimes)
     seen = _spy(monkeypatch, model)
     report = build_index(model, folder, indexed)
     assert sorted(seen["files"]) == ["empty.png", "green.jpg", "new.png"] and seen["rows"] == 3
@@ -324,17 +272,17 @@ def test_hash_mode_ignores_touch_and_sees_same_size_edits(indexed, folder, model
     build_index(model, folder, indexed, use_hash=True)  # records the hashes (size and mtime unchanged)
     assert json.loads((indexed / "index.json").read_text())["change_detection"] == "sha256"
     seen = _spy(monkeypatch, model)
-    _age(folder / "a/red.png", HOUR_NS // 2)  # touched: same content
+    age(folder / "a/red.png", HOUR_NS // 2)  # touched: same content
     same_size = folder / "gif/anim.gif"
     content = same_size.read_bytes()
-    _write_image(same_size, (1, 2, 3))
+    write_image(same_size, (1, 2, 3))
     if len(same_size.read_bytes()) != len(content):  # make the edit keep the size and the mtime
         same_size.write_bytes(content[:-1] + bytes([content[-1] ^ 1]))
-    _age(same_size, HOUR_NS)
+    age(same_size, HOUR_NS)
     report = build_index(model, folder, indexed, use_hash=True)
     assert report.changed == 1 and seen["files"] == ["anim.gif"]
     seen["files"].clear()
-    _age(folder / "a/red.png", HOUR_NS // 4)
+    age(folder / "a/red.png", HOUR_NS // 4)
     assert build_index(model, folder, indexed).changed == 1 and seen["files"] == ["red.png"]  # without --hash
 
 
@@ -361,7 +309,7 @@ def test_resolve_refuses_ids_out_of_range_and_never_leaves_the_root(indexed, fol
         with pytest.raises(TypeError):
             index.resolve(bad)
     outside = tmp_path / "secret.png"
-    _write_image(outside, (1, 1, 1))
+    write_image(outside, (1, 1, 1))
     link = folder / "a/red.png"
     link.unlink()
     link.symlink_to(outside)  # replaced by a symlink leading out after indexing
@@ -375,7 +323,7 @@ def test_resolve_refuses_ids_out_of_range_and_never_leaves_the_root(indexed, fol
 
 def test_an_interrupted_build_leaves_the_previous_index_usable(indexed, folder, model, monkeypatch):
     expected = Searcher(indexed, model=model).text("red", k=7)
-    _write_image(folder / "a/new.png", (0, 200, 200))
+    write_image(folder / "a/new.png", (0, 200, 200))
 
     def killed(*args):
         raise KeyboardInterrupt
