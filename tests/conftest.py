@@ -1,4 +1,5 @@
-"""Shared fixtures: the real Hydra config, composed and shrunk for CPU tests."""
+"""Shared fixtures: the real Hydra config, composed and shrunk for CPU tests; the tiny run's model; a folder of
+images to index (``image_files.py``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from image_files import make_folder
 from omegaconf import DictConfig, open_dict
 
+import cots
+from cots.retriever import Retriever
 from cots.train import CONF_DIR, train
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -89,3 +93,20 @@ def tiny_run(tmp_path_factory, data_dir) -> Path:
         cfg.paths.log_dir = str(root / "logs")
     train(cfg)
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_run) -> Path:
+    """The tiny run's ``last.ckpt``: the model the search and serve tests index with."""
+    return tiny_run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint) -> Retriever:
+    return cots.load(checkpoint)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """Seven images in nested folders and the files an index skips (``image_files.make_folder``)."""
+    return make_folder(tmp_path / "photos")
