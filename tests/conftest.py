@@ -3,6 +3,8 @@ images to index (``image_files.py``)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -91,7 +93,11 @@ def tiny_run(tmp_path_factory, data_dir) -> Path:
         cfg.paths.output_dir = str(root / "run")
         cfg.paths.data_dir = str(data_dir)
         cfg.paths.log_dir = str(root / "logs")
-    train(cfg)
+        cfg.use_the_model = {"images": cfg.data.test_manifest, "query": "a red circle"}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train(cfg)
+    (root / "run" / "stdout.txt").write_text(printed.getvalue())  # what cots-train printed (tests of next_steps)
     return root / "run"
 
 
