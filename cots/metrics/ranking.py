@@ -325,7 +325,8 @@ def _count_sparse(
     if some:
         scores, threshold = scores.index_select(1 - dim, index), threshold[index]
     t = threshold.unsqueeze(dim)
-    found = torch.stack([(scores > t).sum(dim), (scores == t).sum(dim)], 1)
+    # int32 sums: a bool sum to int64 costs twice as much, and a tile's line holds far fewer than 2^31 entries
+    found = torch.stack([(scores > t).sum(dim, dtype=torch.int32), (scores == t).sum(dim, dtype=torch.int32)], 1).long()
     if some:
         counts.index_add_(0, index, found)
     else:
