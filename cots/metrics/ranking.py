@@ -138,6 +138,7 @@ class Tiling:
         return first, start + self.rows
 
     def new_columns(self, tile: int) -> tuple[int, int]:
+        """(start, stop) of the captions that tile ``tile`` of a block counts."""
         start = self.column_starts[tile]
         first = start if tile == 0 else self.column_starts[tile - 1] + self.columns
         return first, start + self.columns
