@@ -267,7 +267,10 @@ class COTSLitModule(L.LightningModule):
         text_to_image = torch.cat(self._gallery.pop("text_to_image"))
         error_counts = self._gallery.pop("error_counts", None)
         self._gallery.clear()
-        self.last_retrieval = retrieval_metrics(images, texts, text_to_image, self.eval_chunk_size)
+        # every rank holds the whole gallery; each scores its share of the images and all get the one table
+        self.last_retrieval = retrieval_metrics(
+            images, texts, text_to_image, self.eval_chunk_size, across_ranks=distributed.is_distributed()
+        )
         if not (self._trainer is not None and self.trainer.sanity_checking):
             self.last_evaluation = {
                 "stage": prefix,  # val: the val gallery during training; test: trainer.test
