@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cots.checkpoints import read_checkpoint
 from cots.config_checks import ConfigError, check_config
 from cots.console import quiet_expected_messages
+from cots.metrics.folds import FoldTables, fold_table_prefix
 from cots.metrics.retrieval import chance_table, format_table
 from cots.report import write_report
 from cots.training_step import TrainingStep
@@ -83,10 +84,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         split = "test" if cfg.data.get("test_manifest") else "val"
+        module.test_fold_size = datamodule.evaluation_fold_size(split)
         trainer.test(module, datamodule=datamodule, verbose=False)
         metrics.update({f"test/{k}": v for k, v in module.last_retrieval.items()})
+        folds = module.last_fold_tables
+        if folds is not None:
+            metrics.update({f"{fold_table_prefix('test', folds.fold_size)}/{k}": v for k, v in folds.mean.items()})
         output_dir = Path(cfg.paths.output_dir)
-        report_retrieval(module.last_retrieval, datamodule, split, output_dir)
+        report_retrieval(module.last_retrieval, datamodule, split, output_dir, folds)
         if cfg.get("report") and trainer.is_global_zero:
             png = write_report(
                 module.model.encoder,
@@ -100,15 +105,23 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
-def report_retrieval(table: dict[str, float], datamodule, split: str, output_dir: Path) -> None:
-    """Print the R@K table next to chance level and write retrieval.json."""
+def report_retrieval(
+    table: dict[str, float], datamodule, split: str, output_dir: Path, folds: FoldTables | None = None
+) -> None:
+    """Print the R@K table next to chance level and write retrieval.json (with the fold tables under "folds")."""
     entries = datamodule.entries(split)
     captions = len(datamodule.gallery_captions(split))
-    chance = chance_table(len(entries), captions / max(len(entries), 1))
+    per_image = captions / max(len(entries), 1)
     print(f"\nRetrieval on {split} ({len(entries)} images, {captions} captions)")
-    print(format_table({"model": table, "chance": chance}))
+    print(format_table({"model": table, "chance": chance_table(len(entries), per_image)}))
+    written = dict(table)
+    if folds is not None:
+        size = folds.fold_size
+        print(f"\nMean over {len(folds.folds)} folds of {size} images ({fold_table_prefix(split, size)}; COCO 1K)")
+        print(format_table({"model": folds.mean, "chance": chance_table(size, per_image)}))
+        written["folds"] = folds.to_json()
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "retrieval.json").write_text(json.dumps(table, indent=2))
+    (output_dir / "retrieval.json").write_text(json.dumps(written, indent=2))
     print(f"wrote {output_dir / 'retrieval.json'}")
 
 
