@@ -14,12 +14,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cots.checkpoints import read_checkpoint
 from cots.config_checks import ConfigError, check_config
 from cots.console import quiet_expected_messages
+from cots.init_from import InitSource, initialize_from, read_init_source
 from cots.metrics.folds import FoldTables, fold_table_prefix
 from cots.metrics.retrieval import chance_table, format_table
 from cots.report import write_report
 from cots.training_step import TrainingStep
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+INIT_KEYS = ("init_from", "init_heads")  # model keys of a fine-tuning start (cots/init_from.py)
 
 
 def build_module(
@@ -41,7 +43,10 @@ def build_module(
             cfg.objective.vilem.vocab_size = text_vocab_size
             cfg.objective.vilem.mask_id = mask_id
             cfg.objective.vilem.special_ids = None if special_ids is None else [int(i) for i in special_ids]
-    model = instantiate(cfg.model)
+    # model.init_from / init_heads are read by train() (cots.init_from), not COTSModel arguments
+    model = instantiate(
+        {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in INIT_KEYS}
+    )
     step = TrainingStep.from_config(instantiate(cfg.objective), cfg.data.get("image_tokens"))
     module = instantiate(
         cfg.module,
@@ -55,6 +60,17 @@ def build_module(
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     module.text_tokenizer_json = tokenizer_json
     return module
+
+
+def start_source(cfg: DictConfig) -> InitSource | None:
+    """The weights ``model.init_from`` names (a fine-tuning start), or None. A resume (``ckpt_path``) wins: its
+    checkpoint already holds the run's own weights, so a fine-tuning run resumes with its first command line."""
+    if not cfg.model.get("init_from"):
+        return None
+    if cfg.get("ckpt_path"):
+        print(f"model.init_from={cfg.model.init_from} is not read: the run resumes from ckpt_path={cfg.ckpt_path}")
+        return None
+    return read_init_source(cfg.model.init_from)
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -71,9 +87,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     problems = datamodule.missing_files()
     if problems:
         raise ConfigError("; ".join(problems))
-    saved_tokenizer = read_checkpoint(cfg.ckpt_path)["cots"]["text_tokenizer"] if cfg.get("ckpt_path") else None
+    init_source = start_source(cfg)
+    if cfg.get("ckpt_path"):
+        saved_tokenizer = read_checkpoint(cfg.ckpt_path)["cots"]["text_tokenizer"]
+    else:  # a fine-tuning start keeps the source's word ids
+        saved_tokenizer = init_source.tokenizer_json if init_source else None
     tokenizer = datamodule.build_text_tokenizer(saved_tokenizer)
     module = build_module(cfg, tokenizer.vocab_size, tokenizer.to_str(), tokenizer.mask_id, tokenizer.special_ids)
+    if init_source is not None:
+        print(initialize_from(module.model, init_source, bool(cfg.model.get("init_heads"))).summary(init_source))
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=_instantiate_all(cfg.get("callbacks")),
