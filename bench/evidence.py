@@ -52,8 +52,9 @@ seed of the noise table sees the same injected noise. Rows whose step does the s
 
 Files: records ``bench/results/evidence/<table>/<row>__seed<k>.json`` (written atomically when a run has
 been scored), tables ``bench/results/evidence/<table>.md``, run folders
-``logs/bench/evidence/<table>/<row>__seed<k>/`` (``plan.json``: its steps; ``sittings.json``: the wall time
-of each sitting; ``checkpoints/last.ckpt`` every 50 steps until the record is written, then removed unless
+``logs/bench/evidence/<table>/<row>__seed<k>/`` (``plan.json``: its steps and a fingerprint of the code it
+started on, so that no sitting resumes it on other code; ``sittings.json``: the wall time of each sitting;
+``checkpoints/last.ckpt`` every 50 steps until the record is written, then removed unless
 ``--keep-checkpoints``: 0.45 GB a run). A table is a list of rows, each a name and its Hydra overrides on the
 table's base (``TABLES`` below): a new table, e.g. tuning candidates to compare with ``--split val``, is one
 more entry.
@@ -64,6 +65,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -331,6 +333,24 @@ def git_state() -> dict:
     }
 
 
+CODE_FOLDERS = ("cots", "conf", "tokenizers/cots_dvae")  # what a run's numbers depend on (bench/ and docs do not)
+
+
+def code_fingerprint() -> str:
+    """sha256 over the tracked files of :data:`CODE_FOLDERS` as they are on disk (uncommitted changes included).
+
+    A run resumed on other code than it started with would be half one version and half another.
+    """
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", *CODE_FOLDERS], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    digest = hashlib.sha256()
+    for name in sorted(filter(None, listed)):
+        file = ROOT / name.decode()
+        digest.update(name + b"\0" + (file.read_bytes() if file.is_file() else b"<deleted>") + b"\0")
+    return digest.hexdigest()
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -581,12 +601,15 @@ def run_table(
     extra: Sequence[str] = (),
     checkpoint_every: int = CHECKPOINT_EVERY,
     keep_checkpoints: bool = False,
+    allow_code_change: bool = False,
 ) -> list[tuple[str, int, str]]:
     """Run every (row, seed) of ``table`` that has no record yet; returns (row, seed, what happened) for each.
 
     What happened: ``skipped`` (a record exists), ``busy`` (another process holds the run), ``ran``
     (from step 0), ``resumed`` (from the run folder's last.ckpt). Every pending run is checked before
-    the first one trains, so a missing file stops the sitting at once, not hours later.
+    the first one trains, so a missing file stops the sitting at once, not hours later; so does a run
+    that would resume on other code than it started with (:func:`code_fingerprint`), unless
+    ``allow_code_change``.
     """
     rows = [table.row(name) for name in only] if only else list(table.rows)
     outcome: list[tuple[str, int, str]] = []
@@ -598,9 +621,18 @@ def run_table(
             else:
                 pending.append((row, seed))
     problems: dict[str, list[str]] = {}  # problem -> the runs it stops
+    code = code_fingerprint()
     for row, seed in pending:
         run_dir = logs / table.folder(split) / f"{row.slug}__seed{seed}"
         plan = read_json(run_dir / "plan.json") or budget.plan(table, row)
+        started_on = plan.get("code")
+        if last_checkpoint(run_dir) and started_on != code and not allow_code_change:
+            problems.setdefault(
+                f"{run_dir} was started on other code (fingerprint {str(started_on)[:12]}, now {code[:12]}: "
+                "cots/, conf/ or tokenizers/ changed): delete the folder to run it again from step 0, "
+                "or resume anyway with --allow-code-change",
+                [],
+            ).append(f"{row.name!r} seed {seed}")
         cfg = build_cfg(table, row, split, row_overrides(table, row, seed, plan["steps"], extra), run_dir)
         for problem in preflight(cfg, galleries(table, split, cfg).values()):
             problems.setdefault(problem, []).append(f"{row.name!r} seed {seed}")
@@ -646,13 +678,15 @@ def run_one(
             return "skipped"
         plan_file = run_dir / "plan.json"
         plan = read_json(plan_file)
+        checkpoint = last_checkpoint(run_dir)
         if plan is None:  # the steps are fixed at the first start, whatever is recalibrated later
             plan = {**budget.plan(table, row), "row": row.name, "seed": seed, "split": split, "created": now()}
+        if checkpoint is None:  # (re)starting from step 0: the code it runs on is today's
+            plan["code"] = code_fingerprint()
             write_json_atomic(plan_file, plan)
         overrides = row_overrides(table, row, seed, plan["steps"], extra)
         cfg = build_cfg(table, row, split, overrides, run_dir)
         enable_crash_recovery(cfg, checkpoint_every)
-        checkpoint = last_checkpoint(run_dir)
         clock = SittingClock.__module__ + "." + SittingClock.__qualname__
         with open_dict(cfg):
             cfg.callbacks.evidence_sittings = {"_target_": clock, "path": str(run_dir / "sittings.json")}
@@ -701,6 +735,7 @@ def run_one(
             **amf_stats(module),
             "finished": now(),
             **git_state(),
+            "code": plan.get("code"),
             "machine": machine(),
             "run_dir": str(run_dir),
         }
@@ -925,6 +960,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_run.add_argument("--logs", type=Path, default=LOGS, help="run folders")
     p_run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY)
     p_run.add_argument("--keep-checkpoints", action="store_true", help="keep last.ckpt after the record")
+    p_run.add_argument(
+        "--allow-code-change", action="store_true", help="resume runs that started on other cots/conf code"
+    )
     p_run.add_argument("--overrides", nargs="+", default=[], help="Hydra overrides for every run (recorded)")
 
     p_table = sub.add_parser("table", help="write <results>/<table>.md from the records")
@@ -968,6 +1006,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.overrides,
                 args.checkpoint_every,
                 args.keep_checkpoints,
+                args.allow_code_change,
             )
             print("\n".join(f"{table.folder(args.split)} / {row} / seed {seed}: {what}" for row, seed, what in outcome))
     elif args.command == "table":

@@ -11,12 +11,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cots.callbacks import RecoveryCheckpoint
 from cots.checkpoints import read_checkpoint
 from cots.config_checks import ConfigError, check_config
 from cots.console import quiet_expected_messages
 from cots.init_from import InitSource, initialize_from, read_init_source
 from cots.metrics.folds import FoldTables, fold_table_prefix
 from cots.metrics.retrieval import chance_table, format_table
+from cots.next_steps import print_use_the_model
 from cots.report import write_report
 from cots.training_step import TrainingStep
 
@@ -124,7 +126,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                 title=f"{cfg.task_name}: held-out {split}",
             )
             print(f"wrote {png}")
+        if cfg.get("use_the_model") and trainer.is_global_zero:
+            tested = tested_checkpoint(trainer)
+            if tested is not None:
+                spec = cfg.use_the_model
+                print_use_the_model(tested, spec.images, spec.get("query", "a red heart"), cfg.task_name)
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+def tested_checkpoint(trainer: L.Trainer) -> Path | None:
+    """The checkpoint of the weights just tested: the recovery checkpoint written at the end of fitting."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, RecoveryCheckpoint) and callback.path.is_file():
+            return callback.path
+    return None
 
 
 def report_retrieval(

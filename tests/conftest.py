@@ -1,15 +1,21 @@
-"""Shared fixtures: the real Hydra config, composed and shrunk for CPU tests."""
+"""Shared fixtures: the real Hydra config, composed and shrunk for CPU tests; the tiny run's model; a folder of
+images to index (``image_files.py``)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from image_files import make_folder
 from omegaconf import DictConfig, open_dict
 
+import cots
+from cots.retriever import Retriever
 from cots.train import CONF_DIR, train
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -87,5 +93,26 @@ def tiny_run(tmp_path_factory, data_dir) -> Path:
         cfg.paths.output_dir = str(root / "run")
         cfg.paths.data_dir = str(data_dir)
         cfg.paths.log_dir = str(root / "logs")
-    train(cfg)
+        cfg.use_the_model = {"images": cfg.data.test_manifest, "query": "a red circle"}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train(cfg)
+    (root / "run" / "stdout.txt").write_text(printed.getvalue())  # what cots-train printed (tests of next_steps)
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_run) -> Path:
+    """The tiny run's ``last.ckpt``: the model the search and serve tests index with."""
+    return tiny_run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint) -> Retriever:
+    return cots.load(checkpoint)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """Seven images in nested folders and the files an index skips (``image_files.make_folder``)."""
+    return make_folder(tmp_path / "photos")

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import cots
+from cots import evaluate as evaluate_module
 from cots import lit_module
 from cots.checkpoints import read_checkpoint
 from cots.data.datasets import GalleryCaptions
@@ -76,6 +77,20 @@ def test_checkpoint_and_export_score_the_gallery_exactly_as_cots_eval(
         images, texts = model.encode_images(paths), model.encode_texts(captions.captions)
         assert torch.equal(images, scored["images"]) and torch.equal(texts, scored["texts"]), source
         assert retrieval_metrics(images, texts, text_to_image) == cots_eval_table, source
+
+
+def test_cots_eval_in_bf16_scores_what_the_retriever_gives_under_bf16_autocast(tiny_run, make_cfg, monkeypatch):
+    """precision=bf16-mixed reproduces the end-of-training table of a bf16 run; the default stays fp32."""
+    checkpoint = tiny_run / "checkpoints" / "last.ckpt"
+    scored = []
+    monkeypatch.setattr(lit_module, "retrieval_metrics", lambda images, texts, *a, **k: scored.append(images) or {})
+    monkeypatch.setattr(evaluate_module, "report_retrieval", lambda *args: None)
+    for precision in ("bf16-mixed", "32-true"):
+        evaluate(make_cfg(f"ckpt_path={checkpoint}", f"precision={precision}", "accelerator=cpu", config_name="eval"))
+    paths, _ = _test_gallery(checkpoint)
+    assert torch.equal(scored[0], cots.load(checkpoint, autocast="bf16").encode_images(paths))
+    assert torch.equal(scored[1], cots.load(checkpoint).encode_images(paths))
+    assert not torch.equal(scored[0], scored[1])
 
 
 def test_an_export_holds_the_online_encoder_and_describes_it(tiny_run, exported):
