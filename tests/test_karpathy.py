@@ -62,6 +62,9 @@ def test_flickr_entries_have_no_filepath(tmp_path):
     assert [e.image for e in splits["test"]] == [tmp_path / "images" / "1005.jpg", tmp_path / "images" / "1006.jpg"]
     with pytest.raises(KarpathyError, match="holds dataset 'flickr30k', but data.dataset='coco'"):
         read_karpathy_splits(path, tmp_path / "images", "coco")
+    # Flickr reports its 1K test alone: no fold table, whatever data.test_fold_size says
+    flickr = _module(path, tmp_path / "images", dataset="flickr30k", test_fold_size=1)
+    assert flickr.missing_files() == [] and flickr.evaluation_fold_size("test") is None
 
 
 @pytest.mark.parametrize(
@@ -105,6 +108,10 @@ def test_data_module_reads_splits_folds_and_checks_the_image_root(coco, tmp_path
     assert module.evaluation_fold_size("test") == 2 and module.evaluation_fold_size("val") is None
     assert _module(path, root, test_fold_size=4).evaluation_fold_size("test") is None  # 10 is not a multiple
     assert _module(path, root, dataset="coco", test_fold_size=None).evaluation_fold_size("test") is None
+    # data.restval_in_train=false: COCO's restval images leave train, val and test stay
+    without_restval = _module(path, root, restval_in_train=False)
+    assert len(without_restval.entries("train")) == COCO_COUNTS["train"] and len(module.entries("train")) == 24
+    assert len(without_restval.entries("test")) == 10
     problems = _module(path, tmp_path).missing_files()
     assert len(problems) == 3 and "data.image_root: the first train image" in problems[0]
     assert "train2014/ and val2014/" in problems[0]
