@@ -45,7 +45,7 @@ def build_module(
             cfg.objective.vilem.vocab_size = text_vocab_size
             cfg.objective.vilem.mask_id = mask_id
             cfg.objective.vilem.special_ids = None if special_ids is None else [int(i) for i in special_ids]
-    # model.init_from / init_heads are read by train() (cots.init_from), not COTSModel arguments
+    # model.init_from / init_heads are loaded by train() (cots.init_from); COTSModel refuses a set init_from
     model = instantiate(
         {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in INIT_KEYS}
     )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import open_dict
 
 from cots.checkpoints import read_checkpoint
 from cots.export.cli import main as cots_export
@@ -106,3 +109,14 @@ def test_a_resume_wins_over_init_from(tiny_run, make_cfg, capsys):
     assert "is not read: the run resumes from ckpt_path" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="model.init_from: nothing at /nowhere.ckpt"):
         train(make_cfg("model.init_from=/nowhere.ckpt"))
+
+
+def test_the_model_group_builds_alone_and_refuses_a_start_it_cannot_load(make_cfg):
+    """instantiate(cfg.model), as tests and bench/ build a bare model: fine without init_from, an error with it."""
+    plain, start = make_cfg(), make_cfg("model.init_from=/some.ckpt")
+    for cfg in (plain, start):
+        with open_dict(cfg):
+            cfg.model.encoder.text_tower.vocab_size = 50  # what a caption tokenizer fills in
+    assert instantiate(plain.model).feature_queue.size == 64
+    with pytest.raises(InstantiationException, match="COTSModel loads no weights; cots-train does"):
+        instantiate(start.model)
