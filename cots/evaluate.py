@@ -53,9 +53,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         logger=False,
         enable_checkpointing=False,
     )
+    module.test_fold_size = datamodule.evaluation_fold_size(split)
     trainer.test(module, dataloaders=datamodule.gallery_loaders(split), verbose=False)
     output_dir = Path(cfg.paths.output_dir)
-    report_retrieval(module.last_retrieval, datamodule, split, output_dir)
+    report_retrieval(module.last_retrieval, datamodule, split, output_dir, module.last_fold_tables)
     if cfg.get("report"):  # the training curves come from the checkpoint's own run folder
         metrics_csv = Path(cfg.ckpt_path).resolve().parent.parent / "csv" / "metrics.csv"
         png = write_report(

@@ -15,6 +15,7 @@ from cots.checkpoints import capture_rank_rng_states, restore_rank_rng_state, se
 from cots.guards import NonFiniteGuard, all_ranks_finite, assert_finite_parameters, check_skip_fraction
 from cots.losses.vilem import vilem_loss
 from cots.masking import IGNORE_INDEX
+from cots.metrics.folds import FoldTables, fold_metrics, fold_table_prefix
 from cots.metrics.retrieval import retrieval_metrics
 from cots.models.cots_model import COTSModel
 from cots.momentum import momentum_at
@@ -271,6 +272,7 @@ class COTSLitModule(L.LightningModule):
         self.last_retrieval = retrieval_metrics(
             images, texts, text_to_image, self.eval_chunk_size, across_ranks=distributed.is_distributed()
         )
+        self._fold_tables(prefix, images, texts, text_to_image)  # COCO 1K, when asked for (below)
         if not (self._trainer is not None and self.trainer.sanity_checking):
             self.last_evaluation = {
                 "stage": prefix,  # val: the val gallery during training; test: trainer.test
@@ -291,6 +293,21 @@ class COTSLitModule(L.LightningModule):
             }
             for name, value in self.last_error_accuracy.items():
                 self.log(f"{prefix}/{name}", value, sync_dist=False)
+
+    # -- evaluation protocols: COCO 1K (cots/metrics/folds.py) ------------------------------------------
+    # Set by cots-train / cots-eval from the data module (``evaluation_fold_size``) before testing.
+    test_fold_size: int | None = None  # images per fold of the test gallery; None: no fold table
+    last_fold_tables: FoldTables | None = None  # of the last test
+
+    def _fold_tables(self, stage: str, images: torch.Tensor, texts: torch.Tensor, text_to_image: torch.Tensor) -> None:
+        """Score the gathered test gallery per fold too: the mean table is logged as ``test_1k/*``."""
+        self.last_fold_tables = None
+        if stage != "test" or not self.test_fold_size:
+            return
+        self.last_fold_tables = fold_metrics(images, texts, text_to_image, self.test_fold_size, self.eval_chunk_size)
+        prefix = fold_table_prefix(stage, self.test_fold_size)
+        for name, value in self.last_fold_tables.mean.items():
+            self.log(f"{prefix}/{name}", value, sync_dist=False)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._gallery_step(batch, batch_idx, dataloader_idx)

@@ -109,6 +109,9 @@ class COTSModel(nn.Module):
         vilem_head: build ViLEM's interaction and heads (training only; see ``cots.models.vilem``).
         vilem_layers: M1, text layers run with the image injection and cross-attention; None = half the depth.
         vilem_heads: cross-attention heads; None = the text tower's.
+        init_from, init_heads: the config's fine-tuning start (``model.init_from``), loaded by ``cots-train``
+            (``cots/init_from.py``) once the source's caption tokenizer has sized the text tower. Accepted so that
+            ``instantiate(cfg.model)`` builds the model of any config; refused when set, as no weights load here.
     """
 
     def __init__(
@@ -123,7 +126,13 @@ class COTSModel(nn.Module):
         vilem_head: bool = False,
         vilem_layers: int | None = None,
         vilem_heads: int | None = None,
+        init_from: str | None = None,
+        init_heads: bool = False,
     ) -> None:
+        if init_from:
+            raise ValueError(
+                f"model.init_from={init_from}: COTSModel loads no weights; cots-train does (cots.train.start_source)"
+            )
         super().__init__()
         self.encoder = encoder
         self.momentum_encoder = momentum_copy(encoder)
