@@ -10,12 +10,13 @@ interrupted one from the ``last.ckpt`` in its run folder. Run from the repositor
 
        make tokenizers/artifacts/emoji_dvae.safetensors         # 1.8 min, once (what `make train-mvlm` trains)
 
-1. Calibrate once, on a quiet machine (nothing else running; about 1.5 min per timing, 5 timings):
-   each timing's median step time (``cots.callbacks.StepTimer``, 30 steps with the first 5 left out)
-   goes to ``bench/results/evidence/step_times.json`` with the commit, date, CPU and torch threads::
+1. Calibrate once, on a quiet machine (nothing else running; about 12 min for the 5 timings): the rows are
+   timed together in 3 interleaved rounds (this virtual machine's speed drifts by up to 30% over minutes,
+   and only the ratios between rows set their steps); each timing's median step (``cots.callbacks.StepTimer``)
+   goes to ``bench/results/evidence/step_times.json`` with the per-round medians, the commit, date, CPU and
+   torch threads::
 
-       .venv/bin/python bench/evidence.py calibrate             # the timings that are missing
-       .venv/bin/python bench/evidence.py calibrate --force     # all of them again
+       .venv/bin/python bench/evidence.py calibrate             # every timing the tables use, together
 
 2. Run the tables, in any number of sittings; the machine may do other work meanwhile, because the
    steps of a row are fixed by the committed step times, never by the run's own timing::
@@ -51,8 +52,9 @@ seed of the noise table sees the same injected noise. Rows whose step does the s
 
 Files: records ``bench/results/evidence/<table>/<row>__seed<k>.json`` (written atomically when a run has
 been scored), tables ``bench/results/evidence/<table>.md``, run folders
-``logs/bench/evidence/<table>/<row>__seed<k>/`` (``plan.json``: its steps; ``sittings.json``: the wall time
-of each sitting; ``checkpoints/last.ckpt`` every 50 steps until the record is written, then removed unless
+``logs/bench/evidence/<table>/<row>__seed<k>/`` (``plan.json``: its steps and a fingerprint of the code it
+started on, so that no sitting resumes it on other code; ``sittings.json``: the wall time of each sitting;
+``checkpoints/last.ckpt`` every 50 steps until the record is written, then removed unless
 ``--keep-checkpoints``: 0.45 GB a run). A table is a list of rows, each a name and its Hydra overrides on the
 table's base (``TABLES`` below): a new table, e.g. tuning candidates to compare with ``--split val``, is one
 more entry.
@@ -63,6 +65,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -330,6 +333,24 @@ def git_state() -> dict:
     }
 
 
+CODE_FOLDERS = ("cots", "conf", "tokenizers/cots_dvae")  # what a run's numbers depend on (bench/ and docs do not)
+
+
+def code_fingerprint() -> str:
+    """sha256 over the tracked files of :data:`CODE_FOLDERS` as they are on disk (uncommitted changes included).
+
+    A run resumed on other code than it started with would be half one version and half another.
+    """
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", *CODE_FOLDERS], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    digest = hashlib.sha256()
+    for name in sorted(filter(None, listed)):
+        file = ROOT / name.decode()
+        digest.update(name + b"\0" + (file.read_bytes() if file.is_file() else b"<deleted>") + b"\0")
+    return digest.hexdigest()
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -439,26 +460,39 @@ def timing_rows(tables: Iterable[Table]) -> dict[str, tuple[Table, Row]]:
     return defining
 
 
+def _timed_segment(table: Table, row: Row, overrides: list[str], run_dir: Path) -> list[float]:
+    """Step times (s) of one short untested run of ``row``, the StepTimer's warm-up steps left out."""
+    cfg = build_cfg(table, row, "test", overrides, run_dir)
+    disable_checkpoints(cfg)
+    _, objects = train(cfg)
+    timer = next(cb for cb in objects["trainer"].callbacks if isinstance(cb, StepTimer))
+    timed = timer.times[timer.warmup :]
+    del objects
+    gc.collect()
+    return timed
+
+
 def calibrate(
     tables: Sequence[Table],
     step_times_path: Path,
     logs: Path,
-    steps: int = 30,
-    warmup: int = 5,
-    force: bool = False,
+    steps: int = 14,
+    warmup: int = 4,
+    rounds: int = 3,
     extra: Sequence[str] = (),
 ) -> dict:
-    """Median step time of every timing the tables use; merged into ``step_times_path`` after each one.
+    """Median step time of every timing the tables use, all measured together, written to ``step_times_path``.
 
-    Each timing is one short run of its defining row (no checkpoints, no test): ``steps`` steps, the first
-    ``warmup`` left out of the median. Every run is checked before the first one starts.
+    Only the ratios between rows decide their steps (steps = the demo's steps x its step time / the
+    row's), and this 2-core virtual machine's speed drifts by up to 30% over minutes (the demo measured
+    0.96 s a step, then 1.26 s twenty minutes later on an idle machine). So the rows are timed in
+    interleaved rounds, each round a short run of every row (``steps`` steps, the first ``warmup`` left
+    out), after one untimed run (the first run of a process is slower); a row's figure is the median
+    of its timed steps over all rounds, and the per-round medians are kept to show the drift. Every
+    timing the tables use is measured again each time, so the ratios always come from one sitting.
     """
-    data = read_json(step_times_path, {"timings": {}})
     todo = []
     for key, (table, row) in timing_rows(tables).items():
-        if key in data["timings"] and not force:
-            print(f"{key}: {data['timings'][key]['median_ms']:.1f} ms (calibrated {data['timings'][key]['date']})")
-            continue
         overrides = [*row_overrides(table, row, table.seeds[0], steps, extra), f"callbacks.step_timer.warmup={warmup}"]
         todo.append((key, table, row, overrides, logs / "calibrate" / slug(key)))
     problems = [
@@ -468,37 +502,44 @@ def calibrate(
     ]
     if problems:
         raise SystemExit("not calibrating; fix these first:\n  " + "\n  ".join(problems))
-    for key, table, row, overrides, run_dir in todo:
-        load_before = machine()["loadavg"]
-        print(f"\n=== calibrate {key} ({table.name} / {row.name}): {steps} steps", flush=True)
-        cfg = build_cfg(table, row, "test", overrides, run_dir)
-        disable_checkpoints(cfg)
-        _, objects = train(cfg)
-        timer = next(cb for cb in objects["trainer"].callbacks if isinstance(cb, StepTimer))
-        timed = timer.times[timer.warmup :]
-        if not timed:
-            raise RuntimeError(f"{key}: no step after the {warmup} left out; raise --calibrate-steps")
-        deciles = statistics.quantiles(timed, n=10) if len(timed) > 1 else [timed[0]] * 9
+    key, table, row, overrides, run_dir = todo[0]
+    print(f"\n=== warm-up ({key}, not timed): {steps} steps", flush=True)
+    _timed_segment(table, row, overrides, run_dir.with_name(run_dir.name + "_warmup"))
+    times: dict[str, list[list[float]]] = {key: [] for key, *_ in todo}
+    loads = []
+    for round_index in range(rounds):
+        for key, table, row, overrides, run_dir in todo:
+            loads.append(machine()["loadavg"])
+            print(f"\n=== calibrate {key} ({table.name} / {row.name}), round {round_index + 1}/{rounds}", flush=True)
+            times[key].append(_timed_segment(table, row, overrides, run_dir))
+            print(f"{key}: round median {1000 * statistics.median(times[key][-1]):.1f} ms", flush=True)
+    data = read_json(step_times_path, {"timings": {}})
+    date, state, where = now(), git_state(), machine()
+    for key, table, row, overrides, _ in todo:
+        timed = [t for segment in times[key] for t in segment]
+        deciles = statistics.quantiles(timed, n=10)
         data["timings"][key] = {
             "median_ms": 1000 * statistics.median(timed),
             "p10_ms": 1000 * deciles[0],
             "p90_ms": 1000 * deciles[-1],
+            "round_medians_ms": [1000 * statistics.median(segment) for segment in times[key]],
             "timed_steps": len(timed),
-            "left_out": timer.warmup,
+            "left_out_per_round": warmup,
+            "rounds": rounds,
             "table": table.name,
             "row": row.name,
             "overrides": overrides,
-            "date": now(),
-            **git_state(),
-            **machine(),
-            "loadavg_before": load_before,
+            "date": date,
+            **state,
+            **where,
         }
-        write_json_atomic(step_times_path, data)
-        print(f"{key}: median {data['timings'][key]['median_ms']:.1f} ms -> {step_times_path}")
-        if load_before and load_before[0] > 0.5:
-            print(f"warning: load average {load_before[0]:.2f} before this timing: the machine was not quiet")
-        del objects
-        gc.collect()
+        print(
+            f"{key}: median {data['timings'][key]['median_ms']:.1f} ms "
+            f"(rounds {', '.join(f'{v:.0f}' for v in data['timings'][key]['round_medians_ms'])})"
+        )
+    data["load_averages_during"] = loads
+    write_json_atomic(step_times_path, data)
+    print(f"wrote {step_times_path}")
     return data
 
 
@@ -560,12 +601,15 @@ def run_table(
     extra: Sequence[str] = (),
     checkpoint_every: int = CHECKPOINT_EVERY,
     keep_checkpoints: bool = False,
+    allow_code_change: bool = False,
 ) -> list[tuple[str, int, str]]:
     """Run every (row, seed) of ``table`` that has no record yet; returns (row, seed, what happened) for each.
 
     What happened: ``skipped`` (a record exists), ``busy`` (another process holds the run), ``ran``
     (from step 0), ``resumed`` (from the run folder's last.ckpt). Every pending run is checked before
-    the first one trains, so a missing file stops the sitting at once, not hours later.
+    the first one trains, so a missing file stops the sitting at once, not hours later; so does a run
+    that would resume on other code than it started with (:func:`code_fingerprint`), unless
+    ``allow_code_change``.
     """
     rows = [table.row(name) for name in only] if only else list(table.rows)
     outcome: list[tuple[str, int, str]] = []
@@ -577,9 +621,18 @@ def run_table(
             else:
                 pending.append((row, seed))
     problems: dict[str, list[str]] = {}  # problem -> the runs it stops
+    code = code_fingerprint()
     for row, seed in pending:
         run_dir = logs / table.folder(split) / f"{row.slug}__seed{seed}"
         plan = read_json(run_dir / "plan.json") or budget.plan(table, row)
+        started_on = plan.get("code")
+        if last_checkpoint(run_dir) and started_on != code and not allow_code_change:
+            problems.setdefault(
+                f"{run_dir} was started on other code (fingerprint {str(started_on)[:12]}, now {code[:12]}: "
+                "cots/, conf/ or tokenizers/ changed): delete the folder to run it again from step 0, "
+                "or resume anyway with --allow-code-change",
+                [],
+            ).append(f"{row.name!r} seed {seed}")
         cfg = build_cfg(table, row, split, row_overrides(table, row, seed, plan["steps"], extra), run_dir)
         for problem in preflight(cfg, galleries(table, split, cfg).values()):
             problems.setdefault(problem, []).append(f"{row.name!r} seed {seed}")
@@ -625,13 +678,15 @@ def run_one(
             return "skipped"
         plan_file = run_dir / "plan.json"
         plan = read_json(plan_file)
+        checkpoint = last_checkpoint(run_dir)
         if plan is None:  # the steps are fixed at the first start, whatever is recalibrated later
             plan = {**budget.plan(table, row), "row": row.name, "seed": seed, "split": split, "created": now()}
+        if checkpoint is None:  # (re)starting from step 0: the code it runs on is today's
+            plan["code"] = code_fingerprint()
             write_json_atomic(plan_file, plan)
         overrides = row_overrides(table, row, seed, plan["steps"], extra)
         cfg = build_cfg(table, row, split, overrides, run_dir)
         enable_crash_recovery(cfg, checkpoint_every)
-        checkpoint = last_checkpoint(run_dir)
         clock = SittingClock.__module__ + "." + SittingClock.__qualname__
         with open_dict(cfg):
             cfg.callbacks.evidence_sittings = {"_target_": clock, "path": str(run_dir / "sittings.json")}
@@ -680,6 +735,7 @@ def run_one(
             **amf_stats(module),
             "finished": now(),
             **git_state(),
+            "code": plan.get("code"),
             "machine": machine(),
             "run_dir": str(run_dir),
         }
@@ -888,9 +944,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     p_cal = sub.add_parser("calibrate", help="median step time of every timing the tables use (quiet machine)")
     common(p_cal, "*")
-    p_cal.add_argument("--force", action="store_true", help="calibrate again the timings that already have one")
-    p_cal.add_argument("--calibrate-steps", type=int, default=30)
-    p_cal.add_argument("--left-out", type=int, default=5, help="first steps left out of the median")
+    p_cal.add_argument("--calibrate-steps", type=int, default=14, help="steps of each row in each round")
+    p_cal.add_argument("--left-out", type=int, default=4, help="first steps of each round left out of the median")
+    p_cal.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the rows")
     p_cal.add_argument("--logs", type=Path, default=LOGS)
     p_cal.add_argument("--overrides", nargs="+", default=[], help="Hydra overrides for every timing run")
 
@@ -904,6 +960,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_run.add_argument("--logs", type=Path, default=LOGS, help="run folders")
     p_run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY)
     p_run.add_argument("--keep-checkpoints", action="store_true", help="keep last.ckpt after the record")
+    p_run.add_argument(
+        "--allow-code-change", action="store_true", help="resume runs that started on other cots/conf code"
+    )
     p_run.add_argument("--overrides", nargs="+", default=[], help="Hydra overrides for every run (recorded)")
 
     p_table = sub.add_parser("table", help="write <results>/<table>.md from the records")
@@ -924,7 +983,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     step_times_path = args.step_times or args.results / "step_times.json"
 
     if args.command == "calibrate":
-        calibrate(tables, step_times_path, args.logs, args.calibrate_steps, args.left_out, args.force, args.overrides)
+        calibrate(tables, step_times_path, args.logs, args.calibrate_steps, args.left_out, args.rounds, args.overrides)
     elif args.command == "run":
         if args.steps is not None and (args.results == RESULTS or args.logs == LOGS):
             parser.error("--steps is for checks: give --results and --logs outside bench/results and logs/bench")
@@ -947,6 +1006,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.overrides,
                 args.checkpoint_every,
                 args.keep_checkpoints,
+                args.allow_code_change,
             )
             print("\n".join(f"{table.folder(args.split)} / {row} / seed {seed}: {what}" for row, seed, what in outcome))
     elif args.command == "table":

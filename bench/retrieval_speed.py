@@ -1,4 +1,4 @@
-"""Retrieval benchmarks: chunked ranking as the gallery grows, and two-stream against single-stream retrieval.
+"""Retrieval benchmarks: tiled ranking as the gallery grows, and two-stream against single-stream retrieval.
 
     python bench/retrieval_speed.py                                   # both tables, full sizes (long at 100k and 1M)
     python bench/retrieval_speed.py --quick                           # 1k and 10k galleries, small samples
@@ -6,18 +6,19 @@
     python bench/retrieval_speed.py --part streams --pairs 100,1000,5000
 
 Scoring: N images x 5N captions of random unit embeddings (D=256, fp32). ``cots.metrics.retrieval``
-ranks both ways in chunks whose rows follow from ``--memory-budget-mb``; the naive reference builds
+ranks both ways in one pass over tiles whose height follows from ``--memory-budget-mb``; the naive reference builds
 the whole N x 5N score matrix and argsorts it (each row for image->text, each column for
 text->image), and is skipped where the bytes it needs exceed the memory available. Every
 measurement runs in its own subprocess; its peak memory is the rise of the process's RSS
 high-water mark (Linux VmHWM, reset after the embeddings are made) above its RSS at that point,
-so it counts the scoring's temporaries, not the embeddings (MB = 2^20 bytes). Where a full chunked pass would take
-longer than ``--max-seconds`` it runs a few chunks and extrapolates (first chunk, which includes the
-set-up, plus the median of the others times the remaining count); the table says on how many chunks.
+so it counts the scoring's temporaries, not the embeddings (MB = 2^20 bytes). Where a full pass would take
+longer than ``--max-seconds`` it computes the thresholds of all pairs, runs the first blocks of images and
+extrapolates (set-up plus the blocks' time x blocks / measured); the table says on how many blocks.
+``bench/retrieval_scale.py`` times the 1M x 5M pass against the matrix-product floor and the split across ranks.
 
 Streams: the paper's claim that two-stream retrieval is about 10,800x faster than single-stream.
 Same-size towers from ``experiment=emoji_demo`` (the ViT and a from-scratch MiniLM-shaped BERT,
-random weights); two-stream = encode N images and 5N captions once + the chunked ranking;
+random weights); two-stream = encode N images and 5N captions once + the tiled ranking;
 single-stream = a cross-encoder (``bench/cross_encoder.py``: depth = image depth + text depth,
 width = the wider tower) run on every one of the 5N^2 pairs. Per-item encode times and the
 per-pair time come from batched samples and are extrapolated linearly; the ranking is measured.
@@ -27,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -69,64 +68,39 @@ def random_gallery(num_images: int, seed: int = 0) -> tuple[torch.Tensor, torch.
     return images, texts, text_to_image
 
 
-def timed_chunks(chunks, num_chunks: int, max_seconds: float, sample: int) -> dict:
-    """Run a chunk iterator to the end, or, when that would exceed ``max_seconds``, ``1 + sample`` chunks and
-    extrapolate."""
-    ranks, times = [], []
-    last = time.perf_counter()
-    for ranks_chunk in chunks:
-        now = time.perf_counter()
-        times.append(now - last)  # the first includes the set-up before the first chunk
-        last = now
-        ranks.append(ranks_chunk)
-        done = len(times)
-        if done >= 1 + sample and done < num_chunks:
-            if times[0] + (num_chunks - 1) * statistics.median(times[1:]) > max_seconds:
-                break
-    done = len(times)
-    if done == num_chunks:
-        seconds = sum(times)
-    else:
-        seconds = times[0] + (num_chunks - 1) * statistics.median(times[1:])
-    from cots.metrics.retrieval import QueryRanks
+def score_tiled(num_images: int, budget_mb: float, max_seconds: float) -> dict:
+    """The tiled pass both ways (``limit`` 10, as ``retrieval_metrics``). When the estimate from the first
+    blocks (two per worker) exceeds ``max_seconds``, extrapolated from them as ``bench/retrieval_scale.py``
+    does: set-up (all thresholds) + a worker's first block + its other blocks x the median measured one."""
+    from retrieval_scale import extrapolate, time_blocks
 
-    return {"seconds": seconds, "chunks_measured": done, "chunks": num_chunks, "ranks": QueryRanks.cat(ranks)}
-
-
-def score_chunked(num_images: int, budget_mb: float, max_seconds: float, sample: int) -> dict:
-    from cots.metrics.retrieval import iter_image_to_text_ranks, iter_text_to_image_ranks, recall_table, rows_per_chunk
+    from cots.metrics import ranking
+    from cots.metrics.retrieval import RECALL_KS, ranks_both_ways, recall_table, tiling
 
     images, texts, text_to_image = random_gallery(num_images)
-    rows_i2t = rows_per_chunk(texts.shape[0], texts.element_size(), budget_mb)
-    rows_t2i = rows_per_chunk(images.shape[0], images.element_size(), budget_mb)
+    workers = ranking.worker_count(texts.device)
+    grid = tiling(images.shape[0], texts, None, budget_mb, workers)
+    limit = max(RECALL_KS)
+    out = {"rows": grid.rows, "columns": grid.columns, "workers": workers, "blocks": grid.num_blocks}
     with PeakMemory("cpu") as memory:
-        i2t = timed_chunks(
-            iter_image_to_text_ranks(images, texts, text_to_image, None, budget_mb),
-            math.ceil(images.shape[0] / rows_i2t),
-            max_seconds / 2,
-            sample,
-        )
-        t2i = timed_chunks(
-            iter_text_to_image_ranks(images, texts, text_to_image, None, budget_mb),
-            math.ceil(texts.shape[0] / rows_t2i),
-            max_seconds / 2,
-            sample,
-        )
-    complete = i2t["chunks_measured"] == i2t["chunks"] and t2i["chunks_measured"] == t2i["chunks"]
-    out = {
-        "seconds": i2t["seconds"] + t2i["seconds"],
-        "i2t_seconds": i2t["seconds"],
-        "t2i_seconds": t2i["seconds"],
-        "rows_i2t": rows_i2t,
-        "rows_t2i": rows_t2i,
-        "extrapolated": not complete,
-        "chunks_i2t": [i2t["chunks_measured"], i2t["chunks"]],
-        "chunks_t2i": [t2i["chunks_measured"], t2i["chunks"]],
-        **memory.as_dict(),
-    }
-    if complete:
-        out["rsum"] = recall_table(i2t["ranks"], t2i["ranks"])["rsum"]
-    return out
+        start = time.perf_counter()
+        counts = ranking.TwoWayPass(images, texts, text_to_image, grid, None, limit, workers)
+        thresholds = counts.ground_truth()
+        counts.set_thresholds(thresholds)
+        setup = time.perf_counter() - start
+        probe = range(min(2 * workers, grid.num_blocks))
+        timed = time_blocks(images, texts, text_to_image, grid, thresholds, probe, workers)
+        estimate = extrapolate(setup, timed, grid.num_blocks, workers)
+        if estimate <= max_seconds or len(probe) == grid.num_blocks:
+            start = time.perf_counter()
+            i2t, t2i = ranks_both_ways(images, texts, text_to_image, None, budget_mb, limit)
+            out.update(seconds=time.perf_counter() - start, blocks_measured=grid.num_blocks)
+            out["rsum"] = recall_table(i2t, t2i)["rsum"]
+        else:
+            out.update(seconds=estimate, blocks_measured=len(probe), setup_seconds=setup)
+            out.update(first_block_seconds=timed["first_block_seconds"], block_seconds=timed["block_seconds"])
+    out["extrapolated"] = out["blocks_measured"] < grid.num_blocks
+    return {**out, **memory.as_dict()}
 
 
 def score_naive(num_images: int) -> dict:
@@ -170,8 +144,6 @@ def run_worker(kind: str, num_images: int, args) -> dict:
         str(args.memory_budget_mb),
         "--max-seconds",
         str(args.max_seconds),
-        "--sample-chunks",
-        str(args.sample_chunks),
     ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -192,7 +164,7 @@ def scoring_table(args) -> list[dict]:
             "gallery": label,
             "images": n,
             "captions": m,
-            "method": "chunked",
+            "method": "tiled, both ways at once",
             "embeddings_mb": embed_bytes / 2**20,
         }
         need = embed_bytes + args.memory_budget_mb * 2**20
@@ -200,11 +172,10 @@ def scoring_table(args) -> list[dict]:
             chunked["status"] = f"skipped (needs {need / 1e9:.1f} GB, {available / 1e9:.1f} GB available)"
         else:
             chunked.update(run_worker("chunked", n, args))
-            ci, ct = chunked.get("chunks_i2t"), chunked.get("chunks_t2i")
             chunked["status"] = chunked.get("error") or ("extrapolated" if chunked["extrapolated"] else "measured")
-            chunked["measured_on"] = f"{ci[0] + ct[0]:,} of {ci[1] + ct[1]:,}" if ci else None
-            if "rows_i2t" in chunked:
-                chunked["chunk_rows"] = f"{chunked['rows_i2t']:,} / {chunked['rows_t2i']:,}"
+            if "blocks" in chunked:
+                chunked["measured_on"] = f"{chunked['blocks_measured']:,} of {chunked['blocks']:,}"
+                chunked["tile"] = f"{chunked['rows']:,} x {chunked['columns']:,}, {chunked['workers']} workers"
         print(f"  {label} chunked: {chunked.get('status')}", flush=True)
         rows.append(chunked)
         naive = {
@@ -232,9 +203,9 @@ def scoring_table(args) -> list[dict]:
 SCORING_COLUMNS = [
     ("gallery (images x captions)", "gallery", ""),
     ("method", "method", ""),
-    ("chunk rows i2t / t2i", "chunk_rows", ""),
+    ("tile (images x captions)", "tile", ""),
     ("time s", "seconds", ".3g"),
-    ("measured on k of n chunks", "measured_on", ""),
+    ("measured on k of n blocks", "measured_on", ""),
     ("status", "status", ""),
     ("peak MB (above embeddings)", "peak_mem_mb", ".0f"),
     ("embeddings MB", "embeddings_mb", ".0f"),
@@ -359,11 +330,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--pairs", default=None, help="N for two- vs single-stream; default 100,1000,5000")
     parser.add_argument("--quick", action="store_true", help="1k and 10k galleries, N=100,1000, small samples")
-    parser.add_argument("--memory-budget-mb", type=float, default=512.0, help="chunk temporaries (chunk_size=None)")
-    parser.add_argument("--max-seconds", type=float, default=60.0, help="longer chunked passes are extrapolated")
-    parser.add_argument(
-        "--sample-chunks", type=int, default=3, help="timed chunks (after the first) when extrapolating"
-    )
+    parser.add_argument("--memory-budget-mb", type=float, default=512.0, help="tile temporaries (chunk_size=None)")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="longer passes are extrapolated")
     parser.add_argument("--naive-max-gb", type=float, default=float("inf"), help="skip the naive reference above this")
     parser.add_argument("--samples", default=None, help="images,captions,pairs timed for the stream table")
     parser.add_argument("--encode-batch", type=int, default=64)
@@ -391,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.worker:
         result = (
-            score_chunked(args.sizes[0], args.memory_budget_mb, args.max_seconds, args.sample_chunks)
+            score_tiled(args.sizes[0], args.memory_budget_mb, args.max_seconds)
             if args.worker == "chunked"
             else score_naive(args.sizes[0])
         )
@@ -408,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = scoring_table(args)
         result["scoring"] = rows
         text += [
-            f"Retrieval scoring, D={EMBED_DIM} fp32, budget {args.memory_budget_mb:g} MB per chunk; peak memory: "
+            f"Retrieval scoring, D={EMBED_DIM} fp32, budget {args.memory_budget_mb:g} MB of tiles; peak memory: "
             f"subprocess RSS high-water mark above the RSS after making the embeddings "
             f"({rows[0].get('mem_method', 'rss_hwm')}); time extrapolated beyond {args.max_seconds:g} s",
             "",

@@ -67,12 +67,12 @@ def check_vilem(cfg: DictConfig) -> None:
             "objective.vilem.enabled=true needs model.vilem_head=true (its default follows the objective)"
         )
     generator = vilem.get("generator", "cmlm")
-    if generator == "cmlm" and not _enabled(cfg, "cmlm"):
+    if generator in ("cmlm", "cmlm_image") and not _enabled(cfg, "cmlm"):
         raise ConfigError(
-            "objective.vilem.generator=cmlm draws errors from the CMLM head: set objective.cmlm.enabled=true "
+            f"objective.vilem.generator={generator} draws errors from the CMLM head: set objective.cmlm.enabled=true "
             "(and data.text_mask), or objective.vilem.generator=<local masked-LM directory>"
         )
-    if generator != "cmlm":
+    if generator not in ("cmlm", "cmlm_image"):
         from cots.local_paths import resolve_local_dir
 
         try:

@@ -2,7 +2,8 @@
 
 Silenced: Lightning's advertisement for its cloud logger, its warning that modules are in eval mode
 (the momentum encoders are, on purpose: ``COTSLitModule.on_train_start`` warns instead about any other
-module), and PyTorch's deprecation notice about ``LeafSpec`` raised inside Lightning. The MiniLM
+module), its warning that a mid-epoch resume's DataLoader is not resumable (the data module resumes the
+position exactly), and PyTorch's deprecation notice about ``LeafSpec`` raised inside Lightning. The MiniLM
 pooler's load report is handled where the tower is loaded (``cots.models.text_tower``).
 """
 
@@ -30,3 +31,6 @@ def quiet_expected_messages() -> None:
             logger.addFilter(_FILTER)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # The data position is resumed by the data module's state (exact mid-epoch resume is tested), not by the
+    # DataLoader object that this warning looks at.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")

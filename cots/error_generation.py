@@ -151,14 +151,21 @@ class MaskedLMGenerator:
         return logits[chosen].float()
 
 
+# The model's own CMLM head as the generator: text only (the default), or fused with the paired image.
+CMLM_GENERATORS = ("cmlm", "cmlm_image")
+
+
 class CaptionEditor:
     """Edits a batch of captions: about ``ratio`` of the tokens replaced by a draw from the generator's top-k.
 
     Args:
         ratio: fraction of each caption's real, non-special tokens replaced (at least one).
         top_k: a replacement is drawn from the generator's ``top_k`` ids other than the original.
-        generator: ``cmlm`` (the model's own CMLM head, without gradient) or a local Hugging Face
-            masked-LM directory sharing the caption vocabulary.
+        generator: ``cmlm``: the model's own CMLM head, text only (the image feature left out), without
+            gradient; ``cmlm_image``: the same head fused with the paired image, as CMLM trains it; or a
+            local Hugging Face masked-LM directory sharing the caption vocabulary. ViLEM wants errors that
+            are plausible as text and that the image contradicts: a generator that sees the image draws
+            words the image supports, which are then labelled as errors, so the default is text only.
         mask_id, special_ids, vocab_size: from the caption tokenizer.
     """
 
@@ -190,8 +197,9 @@ class CaptionEditor:
             input_ids, attention_mask, self.mask_id, self.forbidden, self.vocab_size, self.ratio, generator
         )
         chosen = originals != IGNORE_INDEX  # B x L
-        if self.generator == "cmlm":
-            logits = model.cmlm_generator_logits(masked_ids, attention_mask, image_global.detach(), chosen)
+        if self.generator in CMLM_GENERATORS:
+            image = image_global.detach() if self.generator == "cmlm_image" else None
+            logits = model.cmlm_generator_logits(masked_ids, attention_mask, image, chosen)
         else:
             if self._masked_lm is None:
                 self._masked_lm = MaskedLMGenerator(self.generator, self.vocab_size)

@@ -46,10 +46,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     module = build_module(run_cfg, tokenizer.vocab_size, tokenizer.to_str(), tokenizer.mask_id, tokenizer.special_ids)
     module.load_state_dict(upgrade_state_dict(checkpoint["state_dict"]))
     split = cfg.split if datamodule.manifests.get(cfg.split) else "val"
-    trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator=cfg.accelerator,
+        devices=1,
+        precision=cfg.get("precision", "32-true"),
+        logger=False,
+        enable_checkpointing=False,
+    )
+    module.test_fold_size = datamodule.evaluation_fold_size(split)
     trainer.test(module, dataloaders=datamodule.gallery_loaders(split), verbose=False)
     output_dir = Path(cfg.paths.output_dir)
-    report_retrieval(module.last_retrieval, datamodule, split, output_dir)
+    report_retrieval(module.last_retrieval, datamodule, split, output_dir, module.last_fold_tables)
     if cfg.get("report"):  # the training curves come from the checkpoint's own run folder
         metrics_csv = Path(cfg.ckpt_path).resolve().parent.parent / "csv" / "metrics.csv"
         png = write_report(

@@ -15,6 +15,7 @@ from cots.checkpoints import capture_rank_rng_states, restore_rank_rng_state, se
 from cots.guards import NonFiniteGuard, all_ranks_finite, assert_finite_parameters, check_skip_fraction
 from cots.losses.vilem import vilem_loss
 from cots.masking import IGNORE_INDEX
+from cots.metrics.folds import FoldTables, fold_metrics, fold_table_prefix
 from cots.metrics.retrieval import retrieval_metrics
 from cots.models.cots_model import COTSModel
 from cots.momentum import momentum_at
@@ -88,6 +89,9 @@ class COTSLitModule(L.LightningModule):
         self._window_skipped = False
         self._gallery: dict[str, list] = {}
         self.last_retrieval: dict[str, float] = {}
+        # The last gallery table with its stage, step and gallery size (saved in checkpoints: an export's model
+        # card shows it); the sanity check's partial gallery is left out.
+        self.last_evaluation: dict = {}
         self.last_error_accuracy: dict[str, float] = {}  # ViLEM detection / correction accuracy (%), when on
         # [filtered & noisy, filtered & clean, kept & noisy, kept & clean] once AMF is active, over injected noise
         # (data.noise_rate); saved in the "cots" section of checkpoints, not in the state dict.
@@ -100,7 +104,11 @@ class COTSLitModule(L.LightningModule):
             seed_rank_streams(self.seed, self.trainer.global_rank)
 
     def on_train_start(self) -> None:
-        # The momentum encoders are in eval mode on purpose (no dropout in the keys); anything else is a bug.
+        # Transformers' from_pretrained returns its model in eval mode and Lightning keeps every module's mode:
+        # a pretrained text tower would fine-tune without its dropout. COTSModel.train() puts every online
+        # module in train mode and keeps the momentum encoders in eval (no dropout in the keys).
+        self.model.train()
+        # Anything else in eval mode now is a bug.
         others = [name for name, m in self.named_modules() if not m.training and not name.startswith("model.momentum_")]
         if others:
             rank_zero_warn(
@@ -260,7 +268,19 @@ class COTSLitModule(L.LightningModule):
         text_to_image = torch.cat(self._gallery.pop("text_to_image"))
         error_counts = self._gallery.pop("error_counts", None)
         self._gallery.clear()
-        self.last_retrieval = retrieval_metrics(images, texts, text_to_image, self.eval_chunk_size)
+        # every rank holds the whole gallery; each scores its share of the images and all get the one table
+        self.last_retrieval = retrieval_metrics(
+            images, texts, text_to_image, self.eval_chunk_size, across_ranks=distributed.is_distributed()
+        )
+        self._fold_tables(prefix, images, texts, text_to_image)  # COCO 1K, when asked for (below)
+        if not (self._trainer is not None and self.trainer.sanity_checking):
+            self.last_evaluation = {
+                "stage": prefix,  # val: the val gallery during training; test: trainer.test
+                "global_step": int(self.global_step),
+                "images": int(images.shape[0]),
+                "captions": int(texts.shape[0]),
+                "table": dict(self.last_retrieval),
+            }
         for name, value in self.last_retrieval.items():
             self.log(f"{prefix}/{name}", value, prog_bar=name == "rsum", sync_dist=False)
         if error_counts is not None:  # every rank scored the same captions
@@ -273,6 +293,21 @@ class COTSLitModule(L.LightningModule):
             }
             for name, value in self.last_error_accuracy.items():
                 self.log(f"{prefix}/{name}", value, sync_dist=False)
+
+    # -- evaluation protocols: COCO 1K (cots/metrics/folds.py) ------------------------------------------
+    # Set by cots-train / cots-eval from the data module (``evaluation_fold_size``) before testing.
+    test_fold_size: int | None = None  # images per fold of the test gallery; None: no fold table
+    last_fold_tables: FoldTables | None = None  # of the last test
+
+    def _fold_tables(self, stage: str, images: torch.Tensor, texts: torch.Tensor, text_to_image: torch.Tensor) -> None:
+        """Score the gathered test gallery per fold too: the mean table is logged as ``test_1k/*``."""
+        self.last_fold_tables = None
+        if stage != "test" or not self.test_fold_size:
+            return
+        self.last_fold_tables = fold_metrics(images, texts, text_to_image, self.test_fold_size, self.eval_chunk_size)
+        prefix = fold_table_prefix(stage, self.test_fold_size)
+        for name, value in self.last_fold_tables.mean.items():
+            self.log(f"{prefix}/{name}", value, sync_dist=False)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._gallery_step(batch, batch_idx, dataloader_idx)
@@ -296,6 +331,7 @@ class COTSLitModule(L.LightningModule):
             "samples_seen": self.samples_seen,
             "rng": capture_rank_rng_states(),  # one entry per rank, in rank order
             "amf_noise_counts": self.amf_noise_counts.tolist(),
+            "last_evaluation": self.last_evaluation,  # {} before any; absent from older checkpoints
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -303,6 +339,7 @@ class COTSLitModule(L.LightningModule):
         state = checkpoint.get("cots", {})
         self.skipped = Counter(state.get("skipped", {}))
         self.samples_seen = state.get("samples_seen", 0)
+        self.last_evaluation = dict(state.get("last_evaluation") or {})
         if "amf_noise_counts" in state:
             self.amf_noise_counts.copy_(torch.tensor(state["amf_noise_counts"]))
         if state.get("rng"):

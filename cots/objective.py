@@ -53,8 +53,9 @@ class ViLEMSettings(LossTerm):
     """ViLEM error modeling (METHOD §7).
 
     ``ratio`` of each caption's tokens are replaced by a draw from the ``top_k`` of ``generator``
-    ('cmlm': the model's own CMLM head, without gradient; or a local Hugging Face masked-LM
-    directory sharing the caption vocabulary). ``layers`` (M1, None = half the text depth) and
+    ('cmlm': the model's own CMLM head on the text alone, without gradient; 'cmlm_image': the same head
+    fused with the paired image; or a local Hugging Face masked-LM directory sharing the caption
+    vocabulary; see :class:`cots.error_generation.CaptionEditor`). ``layers`` (M1, None = half the text depth) and
     ``num_heads`` shape the model's interaction (read by the model config). ``mask_id``,
     ``special_ids`` and ``vocab_size`` come from the caption tokenizer (``cots-train`` fills them
     in). ``val_images``: validation scores detection / correction on the captions of the first

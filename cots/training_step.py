@@ -112,7 +112,8 @@ class TrainingStep:
         amf = None
         if objective.amf.enabled:
             amf = AdaptiveMomentumFilter(objective.amf.queue_size, objective.amf.k)
-        targets = ImageTargets(**dict(image_tokens)) if objective.cmvm.enabled and image_tokens else None
+        # Cached targets need no settings (the batch carries them); the online path needs the dVAE's.
+        targets = ImageTargets(**dict(image_tokens or {})) if objective.cmvm.enabled else None
         editor = None
         if objective.vilem.enabled:
             vilem = objective.vilem

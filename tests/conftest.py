@@ -1,16 +1,22 @@
-"""Shared fixtures: the real Hydra config, composed and shrunk for CPU tests."""
+"""Shared fixtures: the real Hydra config, composed and shrunk for CPU tests; the tiny run's model; a folder of
+images to index (``image_files.py``)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from image_files import make_folder
 from omegaconf import DictConfig, open_dict
 
-from cots.train import CONF_DIR
+import cots
+from cots.retriever import Retriever
+from cots.train import CONF_DIR, train
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -73,3 +79,40 @@ def make_cfg(tmp_path: Path, data_dir: Path):
         return cfg
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_dir) -> Path:
+    """A run folder of the tiny towers trained for 2 steps, validated at step 2, then tested (as cots-train does):
+    ``checkpoints/last.ckpt``, ``retrieval.json``. Shared by the tests of ``cots.load`` and ``cots-export``."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    overrides = [*TINY, "trainer.max_steps=2", "trainer.val_check_interval=2", "test=true"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(root / "run")
+        cfg.paths.data_dir = str(data_dir)
+        cfg.paths.log_dir = str(root / "logs")
+        cfg.use_the_model = {"images": cfg.data.test_manifest, "query": "a red circle"}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train(cfg)
+    (root / "run" / "stdout.txt").write_text(printed.getvalue())  # what cots-train printed (tests of next_steps)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_run) -> Path:
+    """The tiny run's ``last.ckpt``: the model the search and serve tests index with."""
+    return tiny_run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint) -> Retriever:
+    return cots.load(checkpoint)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """Seven images in nested folders and the files an index skips (``image_files.make_folder``)."""
+    return make_folder(tmp_path / "photos")

@@ -39,8 +39,12 @@ def test_a_pretrained_directory_that_does_not_fit_names_the_weights(tmp_path):
 
 
 class LeaveInEval(L.Callback):
+    """A module that stays in eval mode whatever train() says (a bug the warning must name)."""
+
     def on_train_start(self, trainer, module) -> None:
-        module.model.encoder.image_proj.eval()
+        proj = module.model.encoder.image_proj
+        proj.eval()
+        proj.train = lambda mode=True: proj  # ignores the LightningModule's model.train()
 
 
 def test_a_module_left_in_eval_mode_other_than_the_momentum_encoders_is_reported(make_cfg):
@@ -49,3 +53,39 @@ def test_a_module_left_in_eval_mode_other_than_the_momentum_encoders_is_reported
         cfg.callbacks.leave = {"_target_": f"{__name__}.LeaveInEval"}
     with pytest.warns(UserWarning, match=r"1 module\(s\) in eval mode .*model\.encoder\.image_proj"):
         train(cfg)
+
+
+class RecordModes(L.Callback):
+    modes: dict[str, bool] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            RecordModes.modes = {name: m.training for name, m in module.named_modules()}
+
+
+def test_a_pretrained_text_tower_trains_in_train_mode_with_its_dropout(make_cfg, tmp_path):
+    """from_pretrained returns an eval-mode BERT and Lightning keeps modes: the online tower must still train with
+    dropout, while the momentum encoders stay in eval mode."""
+    from transformers import BertModel
+
+    config = BertConfig(
+        vocab_size=200,
+        hidden_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(tmp_path / "bert")  # the captions' WordPiece vocabulary is 200 too (TINY)
+    cfg = make_cfg(
+        "trainer.max_steps=1", "trainer.limit_val_batches=0", f"model.encoder.text_tower.pretrained={tmp_path / 'bert'}"
+    )
+    with open_dict(cfg):
+        cfg.callbacks.modes = {"_target_": f"{__name__}.RecordModes"}
+    train(cfg)
+    modes = RecordModes.modes
+    assert (
+        modes["model.encoder.text_tower.bert"] and modes["model.encoder.text_tower.bert.encoder.layer.0.output.dropout"]
+    )
+    assert not modes["model.momentum_encoder.text_tower.bert"]
+    assert all(mode for name, mode in modes.items() if not name.startswith("model.momentum_encoder"))

@@ -173,7 +173,7 @@ def _fake_trainer(step: int = 0) -> SimpleNamespace:
         saved=saved,
         strategy=SimpleNamespace(broadcast=lambda value: value),
     )
-    trainer.save_checkpoint = lambda path: saved.append((trainer.global_step, str(path)))
+    trainer.save_checkpoint = lambda path, weights_only=False: saved.append((trainer.global_step, str(path)))
     return trainer
 
 

@@ -61,6 +61,13 @@ def test_interrupted_run_resumes_and_finished_runs_are_skipped(tmp_path, data_di
     assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2
     assert not evidence.record_path(results, table, "test", table.rows[0], 0).exists()
 
+    # code changed since the run started: the sitting refuses to resume it, naming the run folder
+    started_on = evidence.code_fingerprint()
+    monkeypatch.setattr(evidence, "code_fingerprint", lambda: "f" * 64)
+    with pytest.raises(SystemExit, match=f"(?s){run_dir} was started on other code.*'contrastive' seed 0"):
+        evidence.run_table(table, "test", [0, 1], budget, results, logs, checkpoint_every=2)
+    monkeypatch.setattr(evidence, "code_fingerprint", lambda: started_on)
+
     # the next sitting resumes seed 0 from its last.ckpt and runs seed 1 from scratch
     outcome = evidence.run_table(table, "test", [0, 1], budget, results, logs, checkpoint_every=2)
     assert outcome == [("contrastive", 0, "resumed"), ("contrastive", 1, "ran")]
@@ -69,6 +76,7 @@ def test_interrupted_run_resumes_and_finished_runs_are_skipped(tmp_path, data_di
     assert [(s["start_step"], s["end_step"]) for s in record["sittings"]] == [(0, 3), (2, 4)]
     assert record["train_minutes"] == pytest.approx(sum(s["seconds"] for s in record["sittings"]) / 60)
     assert "seed=0" in record["overrides"] and record["galleries"]["shapes"]["images"] == 64
+    assert record["code"] == started_on
     assert 0.0 <= record["galleries"]["shapes"]["rsum"] <= 600.0
     assert not (run_dir / "checkpoints").exists()  # crash-recovery files go once the record is written
     fresh = json.loads(evidence.record_path(results, table, "test", table.rows[0], 1).read_text())

@@ -41,8 +41,8 @@ def test_model_objective_and_module_values_reach_what_they_set(make_cfg):
         "objective.task.weight=0.5",
         "objective.task.direction=symmetric",
         "objective.task.temperature=0.3",
-        "training_step.amf.k=2.5",
-        "training_step.amf.queue_size=10",
+        "objective.amf.k=2.5",
+        "objective.amf.queue_size=10",
         "module.momentum=0.8",
         "module.momentum_schedule=cosine",
     )
@@ -87,7 +87,7 @@ def test_vilem_ratio_from_the_config_sets_the_edits_per_caption(make_cfg):
         "objective=vilem",
         "objective.vilem.ratio=0.5",
         "objective.vilem.layers=1",
-        "training_step.amf.enabled=false",
+        "objective.amf.enabled=false",
         "objective.task.enabled=false",
     )
     with open_dict(cfg):

@@ -211,16 +211,20 @@ def _generator_logits(model, masked_ids, attention, image_cls, chosen, originals
     head = model.cmlm_head
     with torch.no_grad():
         _, states = model.encoder.text_tower(masked_ids, attention)  # B x L x W_t
-        fused = states + (image_cls.float() @ head.fusion.proj.weight.T)[:, None, :]
+        fused = states if image_cls is None else states + (image_cls.float() @ head.fusion.proj.weight.T)[:, None, :]
         logits = head.decoder(head.norm(head.activation(head.dense(fused))))[chosen]  # M x V
     logits[:, SPECIAL_IDS] = float("-inf")
     logits[torch.arange(len(logits)), originals] = float("-inf")
     return logits
 
 
-def test_vilem_edits_come_from_the_generator_on_the_masked_caption_and_its_own_image(vilem_model):
-    """With top_k=1 each replacement is the CMLM head's best word for the [MASK]-ed caption fused with its image."""
-    model, training_step = vilem_model
+@pytest.mark.parametrize("generator", ["cmlm", "cmlm_image"])
+def test_vilem_edits_come_from_the_generator_on_the_masked_caption_and_its_own_image(generator):
+    """With top_k=1 each replacement is the CMLM head's best word for the [MASK]-ed caption: read alone (``cmlm``,
+    the default: errors plausible as text) or fused with its own image (``cmlm_image``)."""
+    model, training_step = build(
+        text_layers=2, cmlm={"enabled": True}, vilem=vilem_settings(top_k=1, ratio=0.3, generator=generator)
+    )
     batch = make_batch(batch=6)
     torch.manual_seed(11)
     edited, predicted = run_step(model, training_step, batch).errors
@@ -229,11 +233,13 @@ def test_vilem_edits_come_from_the_generator_on_the_masked_caption_and_its_own_i
     assert torch.equal(edited.replaced, chosen)
     enc = encode(model, batch)
     attention, words = batch["attention_mask"], originals[chosen]
-    expected = _generator_logits(model, masked_ids, attention, enc.cls_v, chosen, words).argmax(1)
+    image = enc.cls_v if generator == "cmlm_image" else None
+    expected = _generator_logits(model, masked_ids, attention, image, chosen, words).argmax(1)
     assert edited.input_ids[chosen].tolist() == expected.tolist()
-    clean = _generator_logits(model, batch["input_ids"], attention, enc.cls_v, chosen, words).argmax(1)
-    rolled = _generator_logits(model, masked_ids, attention, enc.cls_v.roll(1, 0), chosen, words).argmax(1)
-    assert clean.tolist() != expected.tolist() and rolled.tolist() != expected.tolist()  # both wirings would be seen
+    clean = _generator_logits(model, batch["input_ids"], attention, image, chosen, words).argmax(1)
+    other = enc.cls_v.roll(1, 0) if generator == "cmlm_image" else enc.cls_v  # another pair's image; or any image
+    seeing = _generator_logits(model, masked_ids, attention, other, chosen, words).argmax(1)
+    assert clean.tolist() != expected.tolist() and seeing.tolist() != expected.tolist()  # both wirings would be seen
     # and the predictions were made on the edited captions against their own images
     detection, correction = _errors(
         model, enc.cls_v, enc.patches_v, edited.input_ids, batch["attention_mask"], edited.replaced
@@ -268,9 +274,7 @@ def test_vilem_top_k_bounds_the_candidates():
         edited, _ = run_step(model, training_step, batch).errors
         masked_ids, originals = _reproduce_edit_positions(batch, 0.5, 4)
         chosen = originals != IGNORE_INDEX
-        logits = _generator_logits(
-            model, masked_ids, batch["attention_mask"], encode(model, batch).cls_v, chosen, originals[chosen]
-        )
+        logits = _generator_logits(model, masked_ids, batch["attention_mask"], None, chosen, originals[chosen])
         picks[top_k] = (logits > logits.gather(1, edited.input_ids[chosen][:, None])).sum(1)  # rank, 0 = the best
     assert (picks[1] == 0).all()
     assert (picks[3] < 3).all() and (picks[3] > 0).any()

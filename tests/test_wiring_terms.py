@@ -237,7 +237,7 @@ def test_amf_weights_reach_inst_and_task_but_not_the_token_terms():
 
 
 def test_amf_k_sets_the_threshold_on_the_momentum_similarities():
-    """training_step.amf.k: pair i is kept while zhat^v_i . zhat^t_i >= mu - k sigma of Q^s (two k, two keep sets)."""
+    """objective.amf.k: pair i is kept while zhat^v_i . zhat^t_i >= mu - k sigma of Q^s (two k, two keep sets)."""
     batch = make_batch()
     decisions = {}
     for k in (0.5, 2.0):

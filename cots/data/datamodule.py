@@ -286,6 +286,10 @@ class ImageTextDataModule(L.LightningDataModule):
     def gallery_captions(self, split: str) -> GalleryCaptions:
         return GalleryCaptions(self.entries(split))
 
+    def evaluation_fold_size(self, split: str) -> int | None:
+        """Images per fold when ``split`` is also scored as a mean over folds (COCO 1K); None: no folds."""
+        return None
+
     def val_dataloader(self) -> list[DataLoader]:
         return self.gallery_loaders("val")
 

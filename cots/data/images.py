@@ -80,3 +80,18 @@ def build_eval_transform(image_size: int, normalize: bool = True) -> T.Compose:
     if normalize:
         steps.append(T.Normalize(IMAGENET_MEAN, IMAGENET_STD))
     return T.Compose(steps)
+
+
+def eval_transform_spec(image_size: int) -> dict:
+    """What :func:`load_rgb` and :func:`build_eval_transform` do, as plain data: an export's ``preprocess.json``,
+    for runtimes other than this package (ONNX). An export is refused when its spec differs from this one."""
+    return {
+        "image_size": image_size,
+        "decode": "RGB; alpha and palette transparency composited on white; 16-bit grey scaled to 8 bits",
+        "exif_orientation": "not applied (as in training)",
+        "resize": {"shorter_side": image_size, "interpolation": "bilinear", "antialias": True},
+        "center_crop": image_size,
+        "to_float": "uint8 / 255 -> float32 in [0, 1]",
+        "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "layout": "channels first: (3, H, W) per image, (B, 3, H, W) batches",
+    }

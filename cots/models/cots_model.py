@@ -109,6 +109,9 @@ class COTSModel(nn.Module):
         vilem_head: build ViLEM's interaction and heads (training only; see ``cots.models.vilem``).
         vilem_layers: M1, text layers run with the image injection and cross-attention; None = half the depth.
         vilem_heads: cross-attention heads; None = the text tower's.
+        init_from, init_heads: the config's fine-tuning start (``model.init_from``), loaded by ``cots-train``
+            (``cots/init_from.py``) once the source's caption tokenizer has sized the text tower. Accepted so that
+            ``instantiate(cfg.model)`` builds the model of any config; refused when set, as no weights load here.
     """
 
     def __init__(
@@ -123,7 +126,13 @@ class COTSModel(nn.Module):
         vilem_head: bool = False,
         vilem_layers: int | None = None,
         vilem_heads: int | None = None,
+        init_from: str | None = None,
+        init_heads: bool = False,
     ) -> None:
+        if init_from:
+            raise ValueError(
+                f"model.init_from={init_from}: COTSModel loads no weights; cots-train does (cots.train.start_source)"
+            )
         super().__init__()
         self.encoder = encoder
         self.momentum_encoder = momentum_copy(encoder)
@@ -257,13 +266,18 @@ class COTSModel(nn.Module):
 
     @torch.no_grad()
     def cmlm_generator_logits(
-        self, masked_ids: torch.Tensor, attention_mask: torch.Tensor, image_global: torch.Tensor, chosen: torch.Tensor
+        self,
+        masked_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_global: torch.Tensor | None,
+        chosen: torch.Tensor,
     ) -> torch.Tensor:
         """The CMLM head as ViLEM's error generator: (M, V_txt) logits at the chosen [MASK] positions.
 
         Args:
             masked_ids, attention_mask: (B, L) captions with [MASK] at the chosen positions.
-            image_global: (B, W_v) image [CLS]; chosen: (B, L) bool.
+            image_global: (B, W_v) image [CLS], or None for the text-only generator (no fusion with the image).
+            chosen: (B, L) bool.
         """
         if self.cmlm_head is None:
             raise ValueError(

@@ -59,6 +59,7 @@ class ImageTower(nn.Module):
         if getattr(self.vit, "dynamic_img_size", False):
             raise ValueError(f"timm model '{name}' uses dynamic_img_size, which the patch mask does not support")
         self.vit.set_grad_checkpointing(grad_checkpointing)
+        self.name = name
         self.width = self.vit.embed_dim
         self.grid_size: tuple[int, int] = tuple(self.vit.patch_embed.grid_size)
         self.mask_embedding = nn.Parameter(torch.zeros(1, 1, self.width)) if mask_embedding else None

@@ -30,17 +30,18 @@ class GlobalFeatureFusion(nn.Module):
         nn.init.zeros_(self.proj.weight)
 
     def forward(
-        self, tokens: torch.Tensor, global_feature: torch.Tensor, mask: torch.Tensor | None = None
+        self, tokens: torch.Tensor, global_feature: torch.Tensor | None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """
         Args:
             tokens: (B, T, W_tok) hidden states of the masked pass.
-            global_feature: (B, W_glob) paired global feature ([CLS]) of the unmasked pass.
+            global_feature: (B, W_glob) paired global feature ([CLS]) of the unmasked pass; None leaves the
+                other stream out (the text-only predictor: ViLEM's default error generator).
             mask: (B, T) bool positions to keep; None keeps all.
         Returns:
             (M, W_tok) fused states of the masked positions in row-major order, or (B, T, W_tok) without a mask.
         """
-        fused = tokens + self.proj(global_feature)[:, None, :]  # B x T x W_tok
+        fused = tokens if global_feature is None else tokens + self.proj(global_feature)[:, None, :]  # B x T x W_tok
         return fused[mask] if mask is not None else fused
 
 
@@ -106,12 +107,12 @@ class CMLMHead(nn.Module):
         nn.init.zeros_(self.dense.bias)
 
     def forward(
-        self, token_states: torch.Tensor, image_global: torch.Tensor, token_mask: torch.Tensor | None = None
+        self, token_states: torch.Tensor, image_global: torch.Tensor | None, token_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """
         Args:
             token_states: (B, L, W_t) text tower output on the masked caption.
-            image_global: (B, W_v) image [CLS] of the unmasked pass.
+            image_global: (B, W_v) image [CLS] of the unmasked pass; None: text only.
             token_mask: (B, L) bool positions to score (``labels != -100``).
         Returns:
             (M, V_txt) logits of the masked tokens (row-major), or (B, L, V_txt) without a mask.

@@ -57,6 +57,9 @@ class TextTower(nn.Module):
             lower layers frozen, as in locked-text tuning of a pretrained tower); 0 freezes the tower.
         pooling: the global feature h^t: ``cls`` (the [CLS] state, BERT) or ``mean`` (mean of the
             real tokens' states: what sentence encoders such as MiniLM were trained to produce).
+        bert_config: a ``BertConfig`` as a dict (``BertConfig.to_dict()``, what an export's config.json
+            holds): that architecture with random weights, nothing read from disk; overrides the
+            from-scratch arguments (``pretrained`` must be None).
     """
 
     def __init__(
@@ -72,13 +75,19 @@ class TextTower(nn.Module):
         grad_checkpointing: bool = False,
         trainable_layers: int | None = None,
         pooling: str = "cls",
+        bert_config: dict | None = None,
     ) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"model.encoder.text_tower.pooling must be 'cls' or 'mean', got '{pooling}'")
         self.pooling = pooling
+        if pretrained and bert_config is not None:
+            raise ValueError("TextTower takes a pretrained directory or a bert_config, not both")
         if pretrained:
             self.bert = load_pretrained_bert(resolve_local_dir(pretrained))
+        elif bert_config is not None:
+            config = BertConfig.from_dict(dict(bert_config), attn_implementation="sdpa")
+            self.bert = BertModel(config, add_pooling_layer=False)
         else:
             if vocab_size is None:
                 raise ValueError("model.encoder.text_tower.vocab_size is unset and no tokenizer filled it in")
