@@ -4,6 +4,7 @@ and two processes; exact resume after kill -9 of a 2-process run; streaming from
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,18 @@ def test_trains_from_a_local_http_server_as_from_the_folder(make_cfg, tmp_path, 
     assert tar_gets and all(r[2] for r in tar_gets), tar_gets  # every read of a shard was a range request
     worst, diff = _largest_difference(expected, remote["module"].state_dict())
     assert diff <= 1e-6, (worst, diff)
+
+
+def test_the_full_objective_trains_on_img2dataset_shards(make_cfg, i2d):
+    """CMVM reads the dVAE's tokens of each shard crop (online: the step tokenizes the crop's dVAE view) and CMLM
+    the masked captions: every term of the full objective is computed and finite on shards as they are."""
+    from test_mvlm_training import ONLINE_TOKENS, with_tokens
+
+    cfg = with_tokens(
+        make_cfg(*COMMON, "objective=mvlm", f"data.train_shards={i2d}", "trainer.max_steps=2"), ONLINE_TOKENS
+    )
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 2
+    for name in ("cmvm", "cmvm_acc", "cmlm", "cmlm_acc", "inst", "loss"):
+        assert math.isfinite(metrics[f"train/{name}"]), name
+    assert abs(metrics["train/cmvm"] - math.log(ONLINE_TOKENS["vocab_size"])) < 1.0  # a fresh head over the codes

@@ -20,7 +20,7 @@ from cots.data.sources import as_plain
 from cots.data.synthetic import ensure_synthetic_dataset
 from cots.data.text_tokenizer import TextTokenizer, build_text_tokenizer
 from cots.data.token_cache import cache_paths
-from cots.data.token_datasets import MVLMCollate, build_token_pairs
+from cots.data.token_datasets import MVLMCollate, build_online_views, build_token_pairs
 from cots.masking import TextMasker
 
 log = logging.getLogger(__name__)
@@ -233,8 +233,11 @@ class ImageTextDataModule(L.LightningDataModule):
         """Streaming tar shards: every rank gets the same number of whole batches per epoch."""
         rank, world = self._rank_world()
         transform = build_train_transform(self.image_size, **self.train_transform_args)
+        # the token level (online dVAE targets): the manifest path's crops, dVAE views and patch masks
+        views = build_online_views(self.image_size, self.image_tokens, self.train_transform_args) if self.image_tokens else None
         self.train_stream = ShardPairs(
-            self.shard_set(), transform, rank, world, self.seed, self.batch_size, **self.shard_args, decoder=self.decoder
+            self.shard_set(), transform, rank, world, self.seed, self.batch_size, **self.shard_args, decoder=self.decoder,
+            views=views,
         )
         if self._resume_state:
             self.train_stream.resume_from(self._resume_state["epoch"], self._resume_state["consumed"])
@@ -313,8 +316,9 @@ class ImageTextDataModule(L.LightningDataModule):
                 problems.append(f"data.train_shards: {err}")
             if self.noise_rate > 0:
                 problems.append("data.noise_rate: not supported with data.train_shards")
-            if self.image_tokens:
-                problems.append("data.image_tokens: not supported with data.train_shards yet")
+            if self.image_tokens and self.image_tokens.get("source", "online") != "online":
+                problems.append("data.image_tokens.source: a token cache is indexed by the rows of a manifest; with "
+                                "data.train_shards the dVAE tokenizes each crop in the step (source=online)")
         if self.shard_args["samples_per_epoch"] and not self.shard_args["resampled"]:
             problems.append("data.samples_per_epoch: only with data.shards_resampled=true")
         tokens = self.image_tokens or {}
@@ -325,7 +329,7 @@ class ImageTextDataModule(L.LightningDataModule):
                             f"--input-size {tokens.get('dvae_input_size')} --out {weights}`, as `make train-mvlm` does "
                             f"for the emoji dVAE; official DALL-E weights: `cots-dvae convert --pkl encoder.pkl "
                             f"--out {weights}`)")
-        if tokens.get("source") == "cache" and tokens.get("cache"):
+        if tokens.get("source") == "cache" and tokens.get("cache") and not self.train_shards:
             if not all(path.is_file() for path in cache_paths(tokens["cache"])):
                 problems.append(f"data.image_tokens.cache: token cache not found or incomplete: {tokens['cache']} "
                                 f"(build it with `cots-dvae cache --manifest {self.manifests['train']} ... "

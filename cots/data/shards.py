@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cots.data.crops import image_to_uint8
 from cots.data.datasets import MAX_SUBSTITUTIONS, clean_caption
 from cots.data.decode import Decoder
 from cots.data.images import BadSample
@@ -178,6 +179,9 @@ class ShardPairs(IterableDataset):
             number of samples in the shards).
         block_size: bytes per range request of remote shards (None: :data:`cots.data.remote.BLOCK_SIZE`).
         decoder: image bytes -> RGB (:class:`cots.data.decode.Decoder`; default: Pillow, as the manifest path).
+        views: instead of ``transform``, ``views(image (3, H, W) uint8, key) -> dict`` for the token level:
+            :class:`cots.data.token_datasets.OnlineViews` (the ViT crop, its dVAE view, the patch mask and
+            the caption-mask seed, from the key's random streams, as the manifest path draws them).
     """
 
     def __init__(
@@ -193,6 +197,7 @@ class ShardPairs(IterableDataset):
         samples_per_epoch: int | None = None,
         block_size: int | None = None,
         decoder: Decoder | None = None,
+        views: Callable[[torch.Tensor, tuple[int, ...]], dict] | None = None,
     ) -> None:
         if samples_per_epoch is not None and not resampled:
             raise ShardError("samples_per_epoch applies to resampled mode only (an epoch is every sample once)")
@@ -201,6 +206,7 @@ class ShardPairs(IterableDataset):
         self.batch_size, self.shuffle_buffer, self.resampled = batch_size, shuffle_buffer, resampled
         self.block_size = block_size
         self.decoder = decoder or Decoder()
+        self.views = views
         # a cots-data shards folder read alone keeps its pair indices as `index`
         self.keyed = len(self.shard_set.sources) == 1 and self.shard_set.sources[0].keyed
         self.epoch_samples = len(EpochStream(self.shard_set, seed, 0))
@@ -239,7 +245,8 @@ class ShardPairs(IterableDataset):
         count = batches // workers + (worker < batches % workers)
         return first * self.batch_size, count * self.batch_size
 
-    def _decode(self, sample: dict, crop_seed: int) -> dict:
+    def _decode(self, sample: dict, draws: tuple[int, ...]) -> dict:
+        """One item from a raw sample; ``draws`` (:meth:`_sample_key`) seeds its crop."""
         source = self.shard_set.sources[sample["__source__"]]
         key = sample["__key__"]
         caption = _caption_of(sample, source)
@@ -251,12 +258,17 @@ class ShardPairs(IterableDataset):
             data = next((sample[ext] for ext in source.source.members.image if ext in sample), None)
         if data is None:
             raise BadSample("missing_image", key)
-        with torch.random.fork_rng(devices=[]):
-            # The crop is a function of the sample. Only the CPU generator: fork_rng(devices=[])
-            # restores no other (and torch.manual_seed costs ~1 ms in its wrappers).
-            torch.default_generator.manual_seed(crop_seed & 0x7FFF_FFFF_FFFF_FFFF)
-            image = self.transform(self.decoder(data))
-        item = {"image": image, "caption": caption, "index": self._index(sample), "skipped": []}
+        if self.views is not None:  # the token level's views: numpy streams of the key, as ImageTextTokenPairs
+            rgb = self.decoder(data)
+            rgb = rgb if isinstance(rgb, torch.Tensor) else image_to_uint8(rgb)
+            item = self.views(rgb, tuple(k % 2**63 for k in draws))
+        else:
+            with torch.random.fork_rng(devices=[]):
+                # The crop is a function of the sample. Only the CPU generator: fork_rng(devices=[])
+                # restores no other (and torch.manual_seed costs ~1 ms in its wrappers).
+                torch.default_generator.manual_seed(hash(draws) & 0x7FFF_FFFF_FFFF_FFFF)
+                item = {"image": self.transform(self.decoder(data))}
+        item.update(caption=caption, index=self._index(sample), skipped=[])
         if source.keyed and "json" in sample:  # the pair's image, for data.pair_groups=image
             item["image_id"] = int(json.loads(sample["json"]).get("image_index", -1))
         elif not source.keyed:
@@ -295,7 +307,7 @@ class ShardPairs(IterableDataset):
                 passed.appendleft(sample)
                 continue
             try:
-                item = self._decode(sample, self._crop_seed(sample, epoch, worker, position))
+                item = self._decode(sample, self._sample_key(sample, epoch, worker, position))
             except BadSample as bad:
                 reasons.append(bad.reason)
                 if len(reasons) >= MAX_SUBSTITUTIONS:
@@ -309,7 +321,7 @@ class ShardPairs(IterableDataset):
         if reasons:
             for sample in passed if last is None else ():
                 try:
-                    last = self._decode(sample, self._crop_seed(sample, epoch, worker, -1))
+                    last = self._decode(sample, self._sample_key(sample, epoch, worker, -1))
                     break
                 except BadSample:
                     continue
@@ -323,12 +335,14 @@ class ShardPairs(IterableDataset):
         for i in range(len(reasons)):
             yield {**item, "skipped": reasons if i == 0 else []}
 
-    def _crop_seed(self, sample: dict, epoch: int, worker: int, position: int) -> int:
+    def _sample_key(self, sample: dict, epoch: int, worker: int, position: int) -> tuple[int, ...]:
+        """What a sample's random draws are a function of (its crop: ``hash(key)``, as ImageTextPairs; the
+        token level's views: numpy streams of the key, as ImageTextTokenPairs)."""
         if self.resampled:  # a pair may come twice in an epoch: seed by stream position
-            return hash((self.seed, epoch, self.rank, worker, position))
+            return (self.seed, epoch, self.rank, worker, position)
         if sample["__repeat__"]:  # a later pass over a source with weight > 1: another crop
-            return hash((self.seed, epoch, self._index(sample), sample["__repeat__"]))
-        return hash((self.seed, epoch, self._index(sample)))  # as ImageTextPairs
+            return (self.seed, epoch, self._index(sample), sample["__repeat__"])
+        return (self.seed, epoch, self._index(sample))  # as the manifest path
 
 
 class ShardLoader(DataLoader):
