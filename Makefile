@@ -12,11 +12,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-install: $(STAMP)  ## create .venv and install cots with its test and optional extras (chromium: .ci/run)
+install: $(STAMP)  ## create .venv and install cots with its test and optional extras (chromium: .ci/run; webdata: img2dataset for the tests)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e ".[test,lint,minilm,export,faiss,serve]"
+	$(BIN)/python -m pip install -q -e ".[test,lint,minilm,export,faiss,serve,webdata]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 lint: install  ## ruff: lint rules and the format check (pyproject.toml [tool.ruff])

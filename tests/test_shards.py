@@ -19,6 +19,7 @@ from cots.data.images import build_train_transform
 from cots.data.manifest import load_manifest
 from cots.data.shards import INDEX_NAME, ShardError, ShardLoader, ShardPairs, load_shard_index, read_shard
 from cots.data.synthetic import ensure_synthetic_dataset
+from cots.data.token_datasets import build_online_views, build_token_pairs
 from cots.prepare.cli import main
 from cots.prepare.manifest_writer import write_manifest
 from cots.prepare.shard_writer import write_shards
@@ -171,6 +172,26 @@ def test_crops_and_captions_match_the_map_style_dataset(synthetic: Path, shard_d
         expected = pairs[(item["index"], 3)]
         assert item["caption"] == expected["caption"]
         assert torch.equal(item["image"], expected["image"])
+
+
+def test_token_level_views_match_the_manifest_path(synthetic: Path, shard_dir: Path) -> None:
+    """With the token level on (online dVAE targets), a shard sample gives the manifest path's item for the same
+    pair and epoch: the same ViT crop, dVAE view, flip, patch mask and caption-mask seed."""
+    tokens = {"source": "online", "dvae_input_size": 16, "block_mask": {"mask_ratio": 0.4, "min_num_patches": 1}}
+    transform = {"scale": (0.3, 1.0), "hflip": 0.5}
+    pairs = build_token_pairs(load_manifest(synthetic / "train.json"), 16, 0, tokens, transform)
+    stream = ShardPairs(shard_dir, TRANSFORM, seed=0, shuffle_buffer=4, views=build_online_views(16, tokens, transform))
+    stream.set_epoch(3)
+    items = list(itertools.islice(stream, 8))
+    for item in items:
+        expected = pairs[(item["index"], 3)]
+        assert item["caption"] == expected["caption"] and item["mask_seed"] == expected["mask_seed"]
+        for key in ("image", "image_dvae", "patch_mask"):
+            assert torch.equal(item[key], expected[key]), key
+    assert len({item["mask_seed"] for item in items}) == len(items)
+    assert any(not torch.equal(a["patch_mask"], b["patch_mask"]) for a, b in itertools.pairwise(items))
+    with pytest.raises(ValueError, match="source must be online with data.train_shards"):
+        build_online_views(16, {**tokens, "source": "cache"}, transform)
 
 
 def test_loader_hands_the_epoch_to_persistent_workers(shard_dir: Path) -> None:

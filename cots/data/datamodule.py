@@ -1,6 +1,7 @@
 """LightningDataModule over image-text manifests (JSON or CSV); imports no model code."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -8,16 +9,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from cots.data.datasets import Collate, GalleryCaptions, GalleryImages, ImageTextPairs, check_pair_groups
+from cots.data.decode import Decoder
 from cots.data.images import build_eval_transform, build_train_transform
 from cots.data.manifest import ManifestEntry, load_manifest
 from cots.data.noise import write_noise_record
 from cots.data.sampler import ShardedEpochSampler
-from cots.data.shards import ShardError, ShardLoader, ShardPairs, load_shard_index, shard_captions
+from cots.data.shard_set import ShardSet, build_shard_set
+from cots.data.shards import ShardError, ShardLoader, ShardPairs, shard_captions
+from cots.data.sources import as_plain
 from cots.data.synthetic import ensure_synthetic_dataset
 from cots.data.text_tokenizer import TextTokenizer, build_text_tokenizer
 from cots.data.token_cache import cache_paths
-from cots.data.token_datasets import MVLMCollate, build_token_pairs
+from cots.data.token_datasets import MVLMCollate, build_online_views, build_token_pairs
 from cots.masking import TextMasker
+
+log = logging.getLogger(__name__)
 
 
 class ImageTextDataModule(L.LightningDataModule):
@@ -47,6 +53,18 @@ class ImageTextDataModule(L.LightningDataModule):
         pair_groups: null (one positive per pair, METHOD §3), ``image`` (the captions of one image
             are positives of each other in L_inst: COCO's five) or ``caption`` (one caption text on
             several images, e.g. the emoji set's Google and Twitter renderings); see ``Collate``.
+        train_shards: tar shards to train on instead of ``train_manifest``: a ``cots-data shards``
+            folder, or WebDataset tars read in place (img2dataset output; folders, globs, brace
+            lists, ``s3://`` / ``gs://`` / ``https://``), or a list of sources with mixing weights
+            (:mod:`cots.data.sources`). ``shards_resampled``, ``samples_per_epoch``,
+            ``shuffle_buffer``: see :class:`~cots.data.shards.ShardPairs`.
+        train_shards_index: the ``cots-index.json`` file(s) written by ``cots-data index-shards
+            --out`` (null: the one beside each shard).
+        members: which tar members are the image (extensions in order) and the caption (``txt``
+            or ``json:<field>``); a source may set its own.
+        shard_block_size: bytes per range request of remote shards (null: 1 MiB).
+        decoder: how shard images are decoded: ``pillow`` (as the manifest path), ``simplejpeg`` or
+            ``torchvision`` (:mod:`cots.data.decode`); ``jpeg_reduce``: decode large JPEGs at 1/2, 1/4, 1/8.
     """
 
     def __init__(
@@ -73,6 +91,11 @@ class ImageTextDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         shuffle_buffer: int = 1000,
         pair_groups: str | None = None,
+        train_shards_index: str | list | None = None,
+        members: dict | None = None,
+        shard_block_size: int | None = None,
+        decoder: str = "pillow",
+        jpeg_reduce: bool = False,
     ) -> None:
         super().__init__()
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
@@ -93,8 +116,18 @@ class ImageTextDataModule(L.LightningDataModule):
         self._entries: dict[str, list[ManifestEntry]] = {}
         self.train_set: ImageTextPairs | None = None
         self.train_sampler: ShardedEpochSampler | None = None
-        self.train_shards = train_shards
-        self.shard_args = {"resampled": shards_resampled, "samples_per_epoch": samples_per_epoch, "shuffle_buffer": shuffle_buffer}
+        self.train_shards = as_plain(train_shards) or None
+        self.train_shards_index = as_plain(train_shards_index) or None
+        self.members = as_plain(members)
+        self.shard_args = {
+            "resampled": shards_resampled,
+            "samples_per_epoch": samples_per_epoch,
+            "shuffle_buffer": shuffle_buffer,
+            "block_size": shard_block_size,
+        }
+        self._shard_set: ShardSet | None = None
+        min_scale = float(self.train_transform_args.get("scale", (0.5, 1.0))[0])
+        self.decoder = Decoder(decoder, (image_size, min_scale) if jpeg_reduce else None)
         self.train_stream: ShardPairs | None = None
         self._resume_state: dict | None = None
         check_pair_groups(pair_groups)  # now, not at the first batch
@@ -124,11 +157,18 @@ class ImageTextDataModule(L.LightningDataModule):
             else:
                 captions = None
                 if not self.text_tokenizer_args["pretrained"]:  # the same captions in the same order on both paths
-                    captions = shard_captions(self.train_shards) if self.train_shards else self._train_pairs().captions()
+                    captions = shard_captions(self.shard_set()) if self.train_shards else self._train_pairs().captions()
                 self.text_tokenizer = build_text_tokenizer(
                     self.text_tokenizer_args["pretrained"], captions, self.text_tokenizer_args["vocab_size"], max_length
                 )
         return self.text_tokenizer
+
+    def shard_set(self) -> ShardSet:
+        """The training shards with their counts, checked against their index (built once)."""
+        if self._shard_set is None:
+            self._shard_set = build_shard_set(self.train_shards, self.members, self.train_shards_index)
+            log.info("training shards: %s", self._shard_set.summary())
+        return self._shard_set
 
     def _train_pairs(self) -> ImageTextPairs:
         if self.train_set is None:
@@ -193,7 +233,12 @@ class ImageTextDataModule(L.LightningDataModule):
         """Streaming tar shards: every rank gets the same number of whole batches per epoch."""
         rank, world = self._rank_world()
         transform = build_train_transform(self.image_size, **self.train_transform_args)
-        self.train_stream = ShardPairs(self.train_shards, transform, rank, world, self.seed, self.batch_size, **self.shard_args)
+        # the token level (online dVAE targets): the manifest path's crops, dVAE views and patch masks
+        views = build_online_views(self.image_size, self.image_tokens, self.train_transform_args) if self.image_tokens else None
+        self.train_stream = ShardPairs(
+            self.shard_set(), transform, rank, world, self.seed, self.batch_size, **self.shard_args, decoder=self.decoder,
+            views=views,
+        )
         if self._resume_state:
             self.train_stream.resume_from(self._resume_state["epoch"], self._resume_state["consumed"])
             self._resume_state = None
@@ -215,11 +260,20 @@ class ImageTextDataModule(L.LightningDataModule):
         # Batches whose training step ran in the epoch being consumed (exact, unlike counting
         # what the sampler handed out, which includes prefetched batches).
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": position.epoch, "consumed": batches * self.batch_size}
+        state = {"epoch": position.epoch, "consumed": batches * self.batch_size}
+        if self.train_stream is not None:
+            state["shards"] = self.shard_set().fingerprint()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
             return
+        saved = state.get("shards")
+        if saved and self.train_shards and saved != self.shard_set().fingerprint():
+            log.warning(
+                "the training shards (sources, shard lists, counts or weights) differ from the checkpoint's: "
+                "the run continues at the same epoch and position, but not with the same samples"
+            )
         position = self.train_stream or self.train_sampler
         if position is not None:  # the loader already exists: tell it
             position.resume_from(state["epoch"], state["consumed"])
@@ -257,13 +311,14 @@ class ImageTextDataModule(L.LightningDataModule):
             problems.append(f"data.image_root: directory not found: {self.image_root}")
         if self.train_shards:
             try:
-                load_shard_index(self.train_shards)
-            except ShardError as err:
+                self.shard_set()
+            except (ShardError, OSError) as err:  # OSError: a remote store that cannot be reached
                 problems.append(f"data.train_shards: {err}")
             if self.noise_rate > 0:
                 problems.append("data.noise_rate: not supported with data.train_shards")
-            if self.image_tokens:
-                problems.append("data.image_tokens: not supported with data.train_shards yet")
+            if self.image_tokens and self.image_tokens.get("source", "online") != "online":
+                problems.append("data.image_tokens.source: a token cache is indexed by the rows of a manifest; with "
+                                "data.train_shards the dVAE tokenizes each crop in the step (source=online)")
         if self.shard_args["samples_per_epoch"] and not self.shard_args["resampled"]:
             problems.append("data.samples_per_epoch: only with data.shards_resampled=true")
         tokens = self.image_tokens or {}
@@ -274,7 +329,7 @@ class ImageTextDataModule(L.LightningDataModule):
                             f"--input-size {tokens.get('dvae_input_size')} --out {weights}`, as `make train-mvlm` does "
                             f"for the emoji dVAE; official DALL-E weights: `cots-dvae convert --pkl encoder.pkl "
                             f"--out {weights}`)")
-        if tokens.get("source") == "cache" and tokens.get("cache"):
+        if tokens.get("source") == "cache" and tokens.get("cache") and not self.train_shards:
             if not all(path.is_file() for path in cache_paths(tokens["cache"])):
                 problems.append(f"data.image_tokens.cache: token cache not found or incomplete: {tokens['cache']} "
                                 f"(build it with `cots-dvae cache --manifest {self.manifests['train']} ... "

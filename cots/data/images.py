@@ -24,8 +24,11 @@ class BadSample(Exception):
         self.reason = reason
 
 
-def load_rgb(path) -> Image.Image:
+def load_rgb(path, draft: tuple[int, int] | None = None) -> Image.Image:
     """Decode an image to RGB; transparency is composited on white; 16-bit, CMYK, palette handled.
+
+    ``draft``: a JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 of its size that is still at least
+    this (width, height) (libjpeg's DCT scaling: less work than a full decode and a resize).
 
     Raises:
         BadSample: missing, empty, truncated, undecodable or oversized files.
@@ -34,6 +37,8 @@ def load_rgb(path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if draft is not None and img.format == "JPEG":
+                    img.draft("RGB", draft)
                 img.load()
                 return to_rgb(img)
     except FileNotFoundError:

@@ -1,6 +1,6 @@
-"""WebDataset tar shards of image-caption pairs: the format, and a streaming training set over it.
+"""Tar shards of image-caption pairs: ``cots-data shards``' own layout, and a streaming training set over any shards.
 
-Layout of ``DIR`` (written by ``cots-data shards``, :func:`cots.prepare.shard_writer.write_shards`):
+Layout of a ``cots-data shards`` folder (:func:`cots.prepare.shard_writer.write_shards`):
 
 * ``shard-000000.tar`` ...: one sample per (image, caption) pair, the unit the training path
   draws, so that an epoch is "every pair once" exactly as with :class:`ImageTextPairs`. An
@@ -18,107 +18,112 @@ Layout of ``DIR`` (written by ``cots-data shards``, :func:`cots.prepare.shard_wr
   the source manifest and its sha1. Written last (temporary file + rename) and removed
   first by a re-run: a folder without it is an unfinished conversion and is refused.
 
-Reading (:class:`ShardPairs`): the shards of an epoch, in a permutation seeded by (seed,
-epoch), form one stream of samples. Rank r of W takes the r-th block of L samples of it
-(L = per-rank samples rounded down to whole batches); within a rank, DataLoader worker w of
-K takes a contiguous run of whole batches. The split is by sample position, using the counts
-in ``shards.json``, not by whole shards: shards of unequal size would give ranks unequal
-numbers of batches (a DDP hang, or data dropped to avoid it), and any number of shards works
-for any W x K. A worker opens only the shards its run overlaps, skipping members by seeking
-(local or mounted files; no ``pipe:`` URLs). Each rank yields exactly ``len(dataset)``
-samples; the < W * batch_size left over are a different tail each epoch.
+Any other WebDataset tars (img2dataset's ``00000.tar`` ... with ``<key>.jpg``, ``<key>.txt``,
+``<key>.json``) are read in place once ``cots-data index-shards`` has counted their samples
+(:mod:`cots.data.shard_index`); several sources mix with weights (:mod:`cots.data.sources`).
+
+Reading (:class:`ShardPairs`): an epoch is one stream of samples (:mod:`cots.data.shard_stream`:
+shards in a permutation seeded by (seed, epoch), sources interleaved). Rank r of W takes the
+r-th block of L samples of it (L = per-rank samples rounded down to whole batches); within a
+rank, DataLoader worker w of K takes a contiguous run of whole batches. The split is by sample
+position, using the indexed counts, not by whole shards: shards of unequal size would give
+ranks unequal numbers of batches (a DDP hang, or data dropped to avoid it), and any number of
+shards works for any W x K. A worker opens only the shards its run overlaps, skipping members
+by seeking (local files, or range reads of remote ones). Each rank yields exactly
+``len(dataset)`` samples; the < W * batch_size left over are a different tail each epoch.
 """
+
 from __future__ import annotations
 
-import io
 import json
 import multiprocessing
 import random
-import tarfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cots.data.crops import image_to_uint8
 from cots.data.datasets import MAX_SUBSTITUTIONS, clean_caption
-from cots.data.images import BadSample, load_rgb
+from cots.data.decode import Decoder
+from cots.data.images import BadSample
+from cots.data.shard_index import ShardError
+from cots.data.shard_set import (
+    FORMAT,
+    INDEX_NAME,
+    KEY_DIGITS,
+    VERSION,
+    ShardIndex,
+    ShardSet,
+    SourceShards,
+    build_shard_set,
+    load_shard_index,
+)
+from cots.data.shard_stream import EpochStream, resampled_samples
+from cots.data.tar_reader import read_shard
 
-INDEX_NAME = "shards.json"
-FORMAT = "cots-shards"
-VERSION = 1
-KEY_DIGITS = 10
 TEXT_MEMBERS = ("txt", "json")
 
-
-class ShardError(ValueError):
-    """Shards that cannot be written or read as indexed; the message names the folder or file."""
-
-
-@dataclass(frozen=True)
-class ShardIndex:
-    """The shards of a finished conversion: paths and sample counts, in file order."""
-
-    paths: tuple[Path, ...]
-    counts: tuple[int, ...]
-    info: dict
-
-    @property
-    def num_samples(self) -> int:
-        return sum(self.counts)
+__all__ = [
+    "FORMAT",
+    "INDEX_NAME",
+    "KEY_DIGITS",
+    "VERSION",
+    "ShardError",
+    "ShardIndex",
+    "ShardLoader",
+    "ShardPairs",
+    "buffer_shuffle",
+    "load_shard_index",
+    "read_shard",
+    "shard_captions",
+]
 
 
-def load_shard_index(shard_dir: str | Path) -> ShardIndex:
-    """Read ``shards.json``; every listed shard must exist with its recorded size."""
-    shard_dir = Path(shard_dir)
-    path = shard_dir / INDEX_NAME
-    if not path.is_file():
-        raise ShardError(f"{shard_dir}: no {INDEX_NAME}: not a shard folder, or its conversion did not finish (re-run cots-data shards)")
-    info = json.loads(path.read_text(encoding="utf-8"))
-    if info.get("format") != FORMAT or info.get("version") != VERSION:
-        raise ShardError(f"{path}: not a {FORMAT} v{VERSION} index")
-    paths = tuple(shard_dir / s["name"] for s in info["shards"])
-    for shard, p in zip(info["shards"], paths):
-        if not p.is_file() or p.stat().st_size != shard["bytes"]:
-            raise ShardError(f"{p}: missing or changed since {path} was written (re-run cots-data shards)")
-    return ShardIndex(paths, tuple(s["samples"] for s in info["shards"]), info)
+def _paths(shard_set_or_dir) -> ShardSet:
+    return shard_set_or_dir if isinstance(shard_set_or_dir, ShardSet) else build_shard_set(shard_set_or_dir)
 
 
-def read_shard(path: Path, skip: int = 0, take: int | None = None) -> Iterator[dict]:
-    """Samples ``skip`` .. ``skip + take`` of one tar as ``{"__key__": key, ext: bytes}``.
-
-    The members of skipped samples are passed over by seeking, not read.
-    """
-    with tarfile.open(path, "r:") as tar:
-        position, key, sample = -1, None, None
-        for member in tar:
-            head, slash, tail = member.name.rpartition("/")
-            stem, _, ext = tail.partition(".")
-            if head + slash + stem != key:
-                if sample is not None:
-                    yield sample
-                key, position = head + slash + stem, position + 1
-                if take is not None and position >= skip + take:
-                    return
-                sample = {"__key__": key} if position >= skip else None
-            if sample is not None and member.isfile():
-                sample[ext] = tar.extractfile(member).read()
-        if sample is not None:
-            yield sample
+def _caption_of(sample: dict, source: SourceShards) -> str:
+    """The cleaned caption of a raw sample ('' when missing or empty)."""
+    field = source.source.members.caption_json_field
+    if field is None:
+        return clean_caption(sample.get(source.source.members.caption, b"").decode("utf-8", "replace"))
+    try:
+        value = json.loads(sample.get("json", b"{}"))
+        for part in field.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+    except ValueError:
+        return ""
+    return clean_caption(value) if isinstance(value, str) else ""
 
 
-def shard_captions(shard_dir: str | Path) -> list[str]:
-    """Every caption of a shard folder in pair-index order, as ``ImageTextPairs.captions()`` lists
-    them (less the pairs skipped at conversion): a tokenizer trained on them is the same."""
-    keyed = []
-    for path in load_shard_index(shard_dir).paths:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if member.name.endswith(".txt"):
-                    keyed.append((member.name, tar.extractfile(member).read().decode("utf-8", "replace")))
-    return [caption for _, caption in sorted(keyed)]
+def _caption_members(source: SourceShards) -> frozenset[str]:
+    field = source.source.members.caption_json_field
+    return frozenset({"json"} if field is not None else {source.source.members.caption})
+
+
+def shard_captions(shards) -> list[str]:
+    """Every non-empty caption of the shards, in sample-id order (a ``cots-data shards`` folder: in
+    pair-index order, as ``ImageTextPairs.captions()`` lists them, less the pairs skipped at
+    conversion), so that a tokenizer trained on them is the same on every path. Reads the caption
+    members only."""
+    shard_set = _paths(shards)
+    captions = []
+    for source in shard_set.sources:
+        keyed = []
+        for shard in source.shards:
+            for sample in read_shard(
+                shard.url, 0, shard.samples, shard.record, shard_set.stride, _caption_members(source)
+            ):
+                caption = _caption_of(sample, source)
+                if caption:
+                    keyed.append((sample["__key__"], caption))
+        if source.keyed:
+            keyed.sort()
+        captions.extend(caption for _, caption in keyed)
+    return captions
 
 
 def buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -140,27 +145,30 @@ def buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
 
 class ShardPairs(IterableDataset):
     """Image-caption pairs streamed from shards; items as :class:`ImageTextPairs` yields them:
-    ``{"image": transform(RGB), "caption": str, "index": pair index, "skipped": [reasons]}``.
+    ``{"image": transform(RGB), "caption": str, "index": int, "skipped": [reasons]}``.
 
     Epoch mode: every rank yields ``len(self)`` samples, a disjoint share of the epoch's stream
-    (module docstring); all ranks together see every sample once, less a remainder smaller
-    than one global batch. Resampled mode: each (rank, worker) draws shards with replacement,
-    seeded by (seed, epoch, rank, worker), and yields its share of ``samples_per_epoch``.
+    (module docstring; :mod:`cots.data.shard_stream` says what an epoch is when sources are
+    mixed); all ranks together see every sample of the epoch once, less a remainder smaller than
+    one global batch. Resampled mode: each (rank, worker) draws shards with replacement, seeded by
+    (seed, epoch, rank, worker), and yields its share of ``samples_per_epoch``.
 
-    A sample that cannot be decoded is replaced by the next usable one of the same worker
-    (the last one at the end of its run) and its reason travels in ``skipped``, as in
-    ImageTextPairs: counts per rank and worker never change, so ranks stay in step.
+    A sample that cannot be used (no image member, an image that does not decode, an empty
+    caption) is replaced by the next usable one of the same worker (the last one at the end of
+    its run) and its reason travels in ``skipped``, as in ImageTextPairs: counts per rank and
+    worker never change, so ranks stay in step.
 
     Each worker's order is a function of (seed, epoch, rank, worker, W, K, batch_size), and a
-    sample's crop of (seed, epoch, pair index) as in ImageTextPairs (resampled: of its stream
-    position). Shuffling: shards by permutation, samples through a buffer of
-    ``shuffle_buffer`` raw samples per worker (memory: that many encoded images).
+    sample's crop of (seed, epoch, index, pass) as in ImageTextPairs (resampled: of its stream
+    position). ``index`` is the sample id (:mod:`cots.data.shard_set`), or the pair index when
+    the shards are one ``cots-data shards`` folder. Shuffling: shards by permutation, samples
+    through a buffer of ``shuffle_buffer`` raw samples per worker (memory: that many encoded images).
 
     The epoch reaches DataLoader workers through shared memory, so :meth:`set_epoch` works
     with persistent workers; use :class:`ShardLoader` to have it called on each ``iter()``.
 
     Args:
-        shard_dir: folder written by ``cots-data shards``.
+        shards: a :class:`ShardSet`, or ``data.train_shards`` (a folder, pattern or list of sources).
         transform: PIL RGB image -> tensor.
         rank, world_size: this process and the number of processes.
         seed: base seed, identical on every rank.
@@ -169,11 +177,16 @@ class ShardPairs(IterableDataset):
         resampled: draw shards with replacement instead of epochs over the data.
         samples_per_epoch: resampled mode: samples per epoch over all ranks (default: the
             number of samples in the shards).
+        block_size: bytes per range request of remote shards (None: :data:`cots.data.remote.BLOCK_SIZE`).
+        decoder: image bytes -> RGB (:class:`cots.data.decode.Decoder`; default: Pillow, as the manifest path).
+        views: instead of ``transform``, ``views(image (3, H, W) uint8, key) -> dict`` for the token level:
+            :class:`cots.data.token_datasets.OnlineViews` (the ViT crop, its dVAE view, the patch mask and
+            the caption-mask seed, from the key's random streams, as the manifest path draws them).
     """
 
     def __init__(
         self,
-        shard_dir: str | Path,
+        shards,
         transform: Callable,
         rank: int = 0,
         world_size: int = 1,
@@ -182,17 +195,28 @@ class ShardPairs(IterableDataset):
         shuffle_buffer: int = 1000,
         resampled: bool = False,
         samples_per_epoch: int | None = None,
+        block_size: int | None = None,
+        decoder: Decoder | None = None,
+        views: Callable[[torch.Tensor, tuple[int, ...]], dict] | None = None,
     ) -> None:
         if samples_per_epoch is not None and not resampled:
             raise ShardError("samples_per_epoch applies to resampled mode only (an epoch is every sample once)")
-        self.shard_dir = Path(shard_dir)
-        self.index = load_shard_index(shard_dir)
+        self.shard_set = _paths(shards)
         self.transform, self.rank, self.world_size, self.seed = transform, rank, world_size, seed
         self.batch_size, self.shuffle_buffer, self.resampled = batch_size, shuffle_buffer, resampled
-        total = (samples_per_epoch or self.index.num_samples) if resampled else self.index.num_samples
+        self.block_size = block_size
+        self.decoder = decoder or Decoder()
+        self.views = views
+        # a cots-data shards folder read alone keeps its pair indices as `index`
+        self.keyed = len(self.shard_set.sources) == 1 and self.shard_set.sources[0].keyed
+        self.epoch_samples = len(EpochStream(self.shard_set, seed, 0))
+        total = (samples_per_epoch or self.shard_set.num_samples) if resampled else self.epoch_samples
         self.samples_per_rank = total // (world_size * batch_size) * batch_size
         if self.samples_per_rank == 0:
-            raise ShardError(f"{shard_dir}: {total} samples per epoch are fewer than one global batch ({world_size} x {batch_size})")
+            raise ShardError(
+                f"{self.shard_set.summary()}: {total} samples per epoch are fewer than one global batch "
+                f"({world_size} x {batch_size})"
+            )
         # [epoch, epoch to resume (-1: none), samples of this rank already consumed in it]
         self._state = multiprocessing.RawArray("q", [0, -1, 0])
 
@@ -212,7 +236,7 @@ class ShardPairs(IterableDataset):
         self._state[:] = [epoch, epoch, consumed]
 
     def captions(self) -> list[str]:
-        return shard_captions(self.shard_dir)
+        return shard_captions(self.shard_set)
 
     def _worker_run(self, worker: int, workers: int) -> tuple[int, int]:
         """(first sample, samples) of this worker in the rank's epoch stream: whole batches."""
@@ -221,48 +245,38 @@ class ShardPairs(IterableDataset):
         count = batches // workers + (worker < batches % workers)
         return first * self.batch_size, count * self.batch_size
 
-    def _raw_epoch(self, epoch: int, start: int, stop: int) -> Iterator[dict]:
-        """Samples at positions [start, stop) of the epoch's stream (shards in seeded order)."""
-        order = list(range(len(self.index.paths)))
-        random.Random(f"shards-{self.seed}-{epoch}").shuffle(order)
-        offset = 0
-        for shard in order:
-            path, count = self.index.paths[shard], self.index.counts[shard]
-            lo, hi = max(start, offset), min(stop, offset + count)
-            if lo < hi:
-                read = 0
-                for read, sample in enumerate(read_shard(path, lo - offset, hi - lo), 1):
-                    yield sample
-                if read != hi - lo:
-                    raise ShardError(f"{path}: ended after {lo - offset + read} samples; {INDEX_NAME} says {count}")
-            offset += count
-            if offset >= stop:
-                return
-
-    def _raw_resampled(self, rng: random.Random, count: int) -> Iterator[dict]:
-        while True:
-            for sample in read_shard(self.index.paths[rng.randrange(len(self.index.paths))]):
-                if count == 0:
-                    return
-                count -= 1
-                yield sample
-
-    def _decode(self, sample: dict, crop_seed: int) -> dict:
-        caption = clean_caption(sample.get("txt", b"").decode("utf-8", "replace"))
+    def _decode(self, sample: dict, draws: tuple[int, ...]) -> dict:
+        """One item from a raw sample; ``draws`` (:meth:`_sample_key`) seeds its crop."""
+        source = self.shard_set.sources[sample["__source__"]]
+        key = sample["__key__"]
+        caption = _caption_of(sample, source)
         if not caption:
-            raise BadSample("empty_caption", sample["__key__"])
-        data = next((v for k, v in sample.items() if k not in TEXT_MEMBERS and k != "__key__"), None)
+            raise BadSample("empty_caption", key)
+        if source.keyed:
+            data = next((v for k, v in sample.items() if k not in TEXT_MEMBERS and not k.startswith("__")), None)
+        else:
+            data = next((sample[ext] for ext in source.source.members.image if ext in sample), None)
         if data is None:
-            raise BadSample("missing_image", sample["__key__"])
-        with torch.random.fork_rng(devices=[]):
-            # The crop is a function of the sample. Only the CPU generator: fork_rng(devices=[])
-            # restores no other (and torch.manual_seed costs ~1 ms in its wrappers).
-            torch.default_generator.manual_seed(crop_seed & 0x7FFF_FFFF_FFFF_FFFF)
-            image = self.transform(load_rgb(io.BytesIO(data)))
-        item = {"image": image, "caption": caption, "index": int(sample["__key__"]), "skipped": []}
-        if "json" in sample:  # the pair's image, for data.pair_groups=image
+            raise BadSample("missing_image", key)
+        if self.views is not None:  # the token level's views: numpy streams of the key, as ImageTextTokenPairs
+            rgb = self.decoder(data)
+            rgb = rgb if isinstance(rgb, torch.Tensor) else image_to_uint8(rgb)
+            item = self.views(rgb, tuple(k % 2**63 for k in draws))
+        else:
+            with torch.random.fork_rng(devices=[]):
+                # The crop is a function of the sample. Only the CPU generator: fork_rng(devices=[])
+                # restores no other (and torch.manual_seed costs ~1 ms in its wrappers).
+                torch.default_generator.manual_seed(hash(draws) & 0x7FFF_FFFF_FFFF_FFFF)
+                item = {"image": self.transform(self.decoder(data))}
+        item.update(caption=caption, index=self._index(sample), skipped=[])
+        if source.keyed and "json" in sample:  # the pair's image, for data.pair_groups=image
             item["image_id"] = int(json.loads(sample["json"]).get("image_index", -1))
+        elif not source.keyed:
+            item["image_id"] = sample["__id__"]  # one image per sample
         return item
+
+    def _index(self, sample: dict) -> int:
+        return int(sample["__key__"]) if self.keyed else sample["__id__"]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -276,10 +290,10 @@ class ShardPairs(IterableDataset):
         start, count = self._worker_run(worker, workers)
         tag = f"{self.seed}-{epoch}-{self.rank}-{worker}"
         if self.resampled:
-            raw = self._raw_resampled(random.Random(f"resampled-{tag}"), count)
+            raw = resampled_samples(self.shard_set, random.Random(f"resampled-{tag}"), count, None, self.block_size)
         else:
             start += self.rank * self.samples_per_rank
-            raw = self._raw_epoch(epoch, start, start + count)
+            raw = EpochStream(self.shard_set, self.seed, epoch, None, self.block_size).read(start, start + count)
         raw = buffer_shuffle(raw, self.shuffle_buffer, random.Random(f"buffer-{tag}"))
         yield from self._decoded(raw, epoch, worker, skip)
 
@@ -293,11 +307,13 @@ class ShardPairs(IterableDataset):
                 passed.appendleft(sample)
                 continue
             try:
-                item = self._decode(sample, self._crop_seed(sample, epoch, worker, position))
+                item = self._decode(sample, self._sample_key(sample, epoch, worker, position))
             except BadSample as bad:
                 reasons.append(bad.reason)
                 if len(reasons) >= MAX_SUBSTITUTIONS:
-                    raise RuntimeError(f"{len(reasons)} consecutive unusable samples in shards: {Counter(reasons)}") from None
+                    raise RuntimeError(
+                        f"{len(reasons)} consecutive unusable samples in shards: {Counter(reasons)}"
+                    ) from None
                 continue
             yield from self._substitutes(item, reasons)
             yield item
@@ -305,7 +321,7 @@ class ShardPairs(IterableDataset):
         if reasons:
             for sample in passed if last is None else ():
                 try:
-                    last = self._decode(sample, self._crop_seed(sample, epoch, worker, -1))
+                    last = self._decode(sample, self._sample_key(sample, epoch, worker, -1))
                     break
                 except BadSample:
                     continue
@@ -319,10 +335,14 @@ class ShardPairs(IterableDataset):
         for i in range(len(reasons)):
             yield {**item, "skipped": reasons if i == 0 else []}
 
-    def _crop_seed(self, sample: dict, epoch: int, worker: int, position: int) -> int:
+    def _sample_key(self, sample: dict, epoch: int, worker: int, position: int) -> tuple[int, ...]:
+        """What a sample's random draws are a function of (its crop: ``hash(key)``, as ImageTextPairs; the
+        token level's views: numpy streams of the key, as ImageTextTokenPairs)."""
         if self.resampled:  # a pair may come twice in an epoch: seed by stream position
-            return hash((self.seed, epoch, self.rank, worker, position))
-        return hash((self.seed, epoch, int(sample["__key__"])))  # as ImageTextPairs
+            return (self.seed, epoch, self.rank, worker, position)
+        if sample["__repeat__"]:  # a later pass over a source with weight > 1: another crop
+            return (self.seed, epoch, self._index(sample), sample["__repeat__"])
+        return (self.seed, epoch, self._index(sample))  # as the manifest path
 
 
 class ShardLoader(DataLoader):
@@ -342,3 +362,4 @@ class ShardLoader(DataLoader):
         if self.epoch_source is not None:
             self.dataset.set_epoch(self.epoch_source())
         return super().__iter__()
+

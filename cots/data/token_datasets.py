@@ -28,6 +28,58 @@ from cots_dvae.arch import DOWNSAMPLE
 CACHE_CROPS = ("center", "random", "any")
 
 
+class OnlineViews:
+    """The online path's item for one image, a function of its random streams: the ViT crop
+    (``image``, normalised), the same crop at the dVAE's resolution (``image_dvae``, [0, 1]; the
+    training step tokenizes it), a block ``patch_mask`` (P,) when a mask generator is given, and
+    ``mask_seed`` for the collate's caption masking. Shared by the manifest path
+    (:class:`ImageTextTokenPairs`) and the shard path (:class:`cots.data.shards.ShardPairs`), so that
+    the same pair with the same streams gives the same tensors on both.
+
+    Args:
+        image_size: ViT view side in pixels.
+        dvae_input_size: dVAE view side.
+        scale, ratio: RandomResizedCrop parameters; ``scale=None`` = centre crop.
+        hflip: flip probability (the same flip for both views).
+        mask_generator: BEiT block masks over the dVAE's token grid, or None.
+    """
+
+    def __init__(self, image_size: int, dvae_input_size: int, scale: tuple[float, float] | None = (0.5, 1.0),
+                 ratio: tuple[float, float] = DEFAULT_RATIO, hflip: float = 0.0,
+                 mask_generator: BlockMaskGenerator | None = None) -> None:
+        self.image_size, self.dvae_input_size = int(image_size), int(dvae_input_size)
+        self.scale = tuple(scale) if scale is not None else None
+        self.ratio, self.hflip, self.mask_generator = tuple(ratio), hflip, mask_generator
+        if mask_generator is not None:
+            grid = self.dvae_input_size // DOWNSAMPLE
+            if (mask_generator.height, mask_generator.width) != (grid, grid):
+                raise ValueError(f"mask grid {mask_generator.height}x{mask_generator.width} != token grid {grid}x{grid}")
+
+    def crops(self, image: torch.Tensor, rng: np.random.Generator) -> dict:
+        """``image`` (3, H, W) uint8 -> the two views of one box, drawn from ``rng``."""
+        height, width = image.shape[-2:]
+        box = center_box(height, width) if self.scale is None else random_resized_box(height, width, rng, self.scale, self.ratio)
+        flip = self.hflip > 0 and rng.random() < self.hflip
+        return {
+            "image": normalize_imagenet(crop_view(image, box, self.image_size, flip)),
+            "image_dvae": crop_view(image, box, self.dvae_input_size, flip),
+        }
+
+    def extras(self, mask_rng: np.random.Generator, seed_rng: np.random.Generator) -> dict:
+        """The patch mask (when configured) and the caption-masking seed: functions of the sample."""
+        item = {}
+        if self.mask_generator is not None:
+            item["patch_mask"] = torch.from_numpy(self.mask_generator(mask_rng).reshape(-1))  # P
+        item["mask_seed"] = int(seed_rng.integers(2**62))
+        return item
+
+    def __call__(self, image: torch.Tensor, key: tuple[int, ...]) -> dict:
+        """Everything of one item from ``key`` (non-negative ints, e.g. (seed, epoch, pair index)):
+        streams 0 (crop), 1 (patch mask), 2 (caption-mask seed), as :class:`ImageTextTokenPairs`."""
+        crop_rng, mask_rng, seed_rng = (sample_rng(*key, stream) for stream in (0, 1, 2))
+        return {**self.crops(image, crop_rng), **self.extras(mask_rng, seed_rng)}
+
+
 class ImageTextTokenPairs(ImageTextPairs):
     """:class:`ImageTextPairs` whose ViT crop comes with dVAE tokens (cache) or a dVAE view (online).
 
@@ -61,9 +113,6 @@ class ImageTextTokenPairs(ImageTextPairs):
     ) -> None:
         super().__init__(entries, transform=None, seed=seed, **pair_options)
         self.image_size = image_size
-        self.scale = tuple(scale) if scale is not None else None
-        self.ratio = tuple(ratio)
-        self.hflip = hflip
         self.token_cache = token_cache
         self.mask_generator = mask_generator
         if token_cache is not None:
@@ -84,10 +133,8 @@ class ImageTextTokenPairs(ImageTextPairs):
                 raise ValueError("dvae_input_size is required without a token cache (online tokens)")
             self.dvae_input_size = int(dvae_input_size)
         self.cache_crop = cache_crop
-        if mask_generator is not None:
-            grid = self.dvae_input_size // DOWNSAMPLE
-            if (mask_generator.height, mask_generator.width) != (grid, grid):
-                raise ValueError(f"mask grid {mask_generator.height}x{mask_generator.width} != token grid {grid}x{grid}")
+        # the crops (online path) and the patch mask / caption-mask seed (both paths)
+        self.views = OnlineViews(image_size, self.dvae_input_size, scale, ratio, hflip, mask_generator)
 
     def _variant(self, rng: np.random.Generator) -> int:
         k = self.token_cache.crops
@@ -108,30 +155,17 @@ class ImageTextTokenPairs(ImageTextPairs):
                 image_path = self.entries[entry_index].image
                 raise ValueError(f"{image_path} changed since {self.token_cache.path} was built: {err}") from None
             return {"image": normalize_imagenet(view), "image_tokens": self.token_cache[entry_index, variant]}
-        height, width = image.shape[-2:]
-        if self.scale is None:
-            box = center_box(height, width)
-        else:
-            box = random_resized_box(height, width, rng, self.scale, self.ratio)
-        flip = self.hflip > 0 and rng.random() < self.hflip
-        return {
-            "image": normalize_imagenet(crop_view(image, box, self.image_size, flip)),
-            "image_dvae": crop_view(image, box, self.dvae_input_size, flip),
-        }
+        return self.views.crops(image, rng)
 
     def load_pair(self, pair_index: int, epoch: int) -> dict:
         """The ViT crop, its dVAE view or cached tokens, the patch mask and the text-mask seed."""
         entry_index = self.pairs[pair_index][0]
         if self.token_cache is not None and entry_index in self.token_cache.unreadable:
             raise BadSample("undecodable", f"image {entry_index} was unreadable when the token cache was built")
-        # Independent streams for the crop and the mask: changing one setting leaves the other as it was.
-        crop_rng, mask_rng = (sample_rng(self.seed, epoch, pair_index, stream) for stream in (0, 1))
-        item = self._views(entry_index, crop_rng)
-        if self.mask_generator is not None:
-            item["patch_mask"] = torch.from_numpy(self.mask_generator(mask_rng).reshape(-1))  # P
-        # Seeds the collate's text masking: a function of the samples, not of the worker.
-        item["mask_seed"] = int(sample_rng(self.seed, epoch, pair_index, 2).integers(2**62))
-        return item
+        # Independent streams for the crop, the mask and the caption-mask seed (seeds the collate's
+        # text masking: a function of the samples, not of the worker): changing one leaves the others.
+        crop_rng, mask_rng, seed_rng = (sample_rng(self.seed, epoch, pair_index, stream) for stream in (0, 1, 2))
+        return {**self._views(entry_index, crop_rng), **self.views.extras(mask_rng, seed_rng)}
 
 
 class MVLMCollate(Collate):
@@ -193,8 +227,7 @@ def build_token_pairs(
         cache = TokenCache(cfg["cache"], manifest=manifest, weights=cfg.get("weights"), num_images=len(entries),
                            grid=grid, vocab_size=cfg.get("vocab_size"), dvae_input_size=dvae_size)
         dvae_size = int(cache.meta["dvae_input_size"])  # anything else is the online path (config_checks)
-    block_mask = cfg.get("block_mask")
-    generator = BlockMaskGenerator(dvae_size // DOWNSAMPLE, **dict(block_mask)) if block_mask is not None else None
+    generator = block_mask_generator(dvae_size, cfg.get("block_mask"))
     return ImageTextTokenPairs(
         entries,
         image_size,
@@ -208,3 +241,21 @@ def build_token_pairs(
         mask_generator=generator,
         **pair_options,
     )
+
+
+def block_mask_generator(dvae_input_size: int, block_mask: dict | None) -> BlockMaskGenerator | None:
+    """``data.image_tokens.block_mask`` over the token grid of ``dvae_input_size``, or None."""
+    return BlockMaskGenerator(dvae_input_size // DOWNSAMPLE, **dict(block_mask)) if block_mask is not None else None
+
+
+def build_online_views(image_size: int, image_tokens: dict, train_transform: dict | None = None) -> OnlineViews:
+    """The shard path's :class:`OnlineViews` from ``data.image_tokens`` (``source: online``) and
+    ``data.train_transform``: the same crops, flips and masks as :func:`build_token_pairs` gives the
+    manifest path."""
+    cfg, transform = dict(image_tokens), dict(train_transform or {})
+    if cfg.get("source", "online") != "online":
+        raise ValueError("data.image_tokens.source must be online with data.train_shards: a token cache is indexed "
+                         "by the rows of a manifest")
+    dvae_size = int(cfg["dvae_input_size"])
+    return OnlineViews(image_size, dvae_size, transform.get("scale", (0.5, 1.0)), transform.get("ratio", DEFAULT_RATIO),
+                       transform.get("hflip", 0.0), block_mask_generator(dvae_size, cfg.get("block_mask")))

@@ -1,4 +1,4 @@
-"""``cots-data``: build datasets. Subcommands: ``emoji``, ``shards``.
+"""``cots-data``: build datasets. Subcommands: ``emoji``, ``shards``, ``index-shards``.
 
 Each subcommand is an ``_add_<name>(subparsers)`` function that registers its
 arguments and sets ``func`` to a runner ``(args) -> exit code``; add new ones to
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -149,7 +150,58 @@ def _run_shards(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_emoji, _add_shards]
+def _add_index_shards(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "index-shards",
+        help="count the samples of WebDataset tars in place (img2dataset output), for exact epochs and resume",
+        description=(
+            "Read the tar headers of the shards (no image is decoded) and write their sample counts, sizes, "
+            "mtimes (ETags) and seek offsets to cots-index.json beside them, or to --out. Resumable: shards "
+            "already indexed and unchanged are kept; a changed one is refused unless --refresh."
+        ),
+    )
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="a folder, glob or brace list of .tar shards, local or s3:// gs:// https:// (quote braces and globs)",
+    )
+    p.add_argument("--out", default=None, help="one index file for all sources (default: cots-index.json beside each)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (default: all CPUs)")
+    p.add_argument("--checksum", action="store_true", help="also record each shard's sha1 (reads every byte)")
+    p.add_argument("--refresh", action="store_true", help="count shards that changed since indexed again")
+    p.set_defaults(func=_run_index_shards)
+
+
+def _run_index_shards(args: argparse.Namespace) -> int:
+    from cots.data.shard_index import ShardError
+    from cots.prepare.shard_indexer import index_shards
+
+    try:
+        summary = index_shards(args.sources, args.out, args.workers, args.checksum, args.refresh)
+    except (ShardError, OSError) as err:
+        print(f"cots-data index-shards: error: {err}", file=sys.stderr)
+        return 1
+    rate = ""
+    if summary["scanned"]:
+        rate = f": {summary['shards_per_s']:.1f} shards/s"
+        if summary["samples_per_s"] is not None:
+            rate += f", {summary['samples_per_s']:.0f} samples/s"
+    print(
+        f"indexed {summary['shards']} shards ({summary['scanned']} scanned, {summary['kept']} unchanged) holding "
+        f"{summary['samples']} samples, {summary['bytes'] / 1e9:.2f} GB, in {summary['seconds']:.1f} s{rate}"
+    )
+    if summary["truncated"]:
+        print(
+            f"truncated shards (read up to the last complete sample): {len(summary['truncated'])}, "
+            f"e.g. {summary['truncated'][0]}"
+        )
+    if summary["img2dataset"]:
+        print(f"img2dataset's counts (_stats.json): {summary['img2dataset']}")
+    return 0
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_emoji, _add_shards, _add_index_shards]
 
 
 def build_parser() -> argparse.ArgumentParser:
