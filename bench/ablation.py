@@ -34,6 +34,11 @@ SETTINGS: list[tuple[str, list[str]]] = [
     ("all", ["objective=default", *MVLM]),
     ("+ CMLM", ["objective=contrastive_only", *CMLM]),
     ("+ CMLM + ViLEM", ["objective=contrastive_only", *CMLM, "objective.vilem.enabled=true"]),
+    # the error generator as it was: the CMLM head fused with the image draws words the image supports
+    (
+        "+ CMLM + ViLEM, image-conditioned generator",
+        ["objective=contrastive_only", *CMLM, "objective.vilem.enabled=true", "objective.vilem.generator=cmlm_image"],
+    ),
 ]
 
 
