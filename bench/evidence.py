@@ -149,6 +149,9 @@ class Table:
     splits: dict[str, Split] = field(default_factory=lambda: dict(EMOJI_SPLITS))
     reference: tuple[str, str] | None = None  # (table, row) shown below the rows, from its own records
     notes: str = ""
+    # the timing whose median step x the demo's steps is the budget: a table calibrated in its own sitting
+    # names its own demo row, so that its budget and its rows' steps come from the same sitting
+    budget_timing: str = BUDGET_TIMING
 
     def row(self, name: str) -> Row:
         for row in self.rows:
@@ -219,6 +222,48 @@ TABLES: dict[str, Table] = {
             "the pairs, so about twice the epochs in the same steps); its own vendor's gallery is in-style, "
             "the other cross-style; `in − cross` is their difference within each run. The reference row "
             "trains on both vendors.",
+        ),
+        Table(
+            "tuning",
+            "Candidate settings for the demo, chosen on the val concepts (`--split val`)",
+            (
+                Row(DEMO, (), timing="tuning/demo"),
+                Row("contrastive only", ("objective=contrastive_only",), timing="tuning/contrastive", vs=DEMO),
+                Row(
+                    "contrastive, compiled towers",
+                    ("objective=contrastive_only", "module.compile={}"),
+                    timing="tuning/compiled",
+                    vs="contrastive only",
+                ),
+                Row(
+                    "contrastive, batch 32",
+                    (
+                        "objective=contrastive_only",
+                        "data.batch_size=32",
+                        "module.momentum=0.995",  # the EMA horizon of 0.99 at batch 64, in pairs
+                        "optim.scheduler.warmup_steps=80",
+                    ),
+                    timing="tuning/batch32",
+                    vs="contrastive only",
+                ),
+                Row(
+                    "contrastive, text tower lr 0.2x",
+                    ("objective=contrastive_only", "+optim.lr_scale.encoder.text_tower=0.2"),
+                    timing="tuning/contrastive",
+                    vs="contrastive only",
+                ),
+                Row(  # no flips: emoji captions say left and right ("backhand index pointing left")
+                    "contrastive, queue 4096",
+                    ("objective=contrastive_only", "model.queue_size=4096"),
+                    timing="tuning/contrastive",
+                    vs="contrastive only",
+                ),
+            ),
+            budget_timing="tuning/demo",
+            notes="Selection runs: `run tuning --split val` trains on `train_names.json` and scores the val "
+            "concepts (324 images per vendor), never the test concepts. The timings are calibrated together in "
+            "one sitting (`calibrate tuning`), the budget is the demo's 450 steps at this table's own demo "
+            "timing, and a compiled row pays its compilation (`startup_s`, the cold round's excess) from it.",
         ),
     )
 }
@@ -461,12 +506,12 @@ def timing_rows(tables: Iterable[Table]) -> dict[str, tuple[Table, Row]]:
 
 
 def _timed_segment(table: Table, row: Row, overrides: list[str], run_dir: Path) -> list[float]:
-    """Step times (s) of one short untested run of ``row``, the StepTimer's warm-up steps left out."""
+    """Step times (s) of every step of one short untested run of ``row``."""
     cfg = build_cfg(table, row, "test", overrides, run_dir)
     disable_checkpoints(cfg)
     _, objects = train(cfg)
     timer = next(cb for cb in objects["trainer"].callbacks if isinstance(cb, StepTimer))
-    timed = timer.times[timer.warmup :]
+    timed = list(timer.times)
     del objects
     gc.collect()
     return timed
@@ -506,20 +551,27 @@ def calibrate(
     print(f"\n=== warm-up ({key}, not timed): {steps} steps", flush=True)
     _timed_segment(table, row, overrides, run_dir.with_name(run_dir.name + "_warmup"))
     times: dict[str, list[list[float]]] = {key: [] for key, *_ in todo}
+    full: dict[str, list[list[float]]] = {key: [] for key, *_ in todo}  # every step of each round
     loads = []
     for round_index in range(rounds):
         for key, table, row, overrides, run_dir in todo:
             loads.append(machine()["loadavg"])
             print(f"\n=== calibrate {key} ({table.name} / {row.name}), round {round_index + 1}/{rounds}", flush=True)
-            times[key].append(_timed_segment(table, row, overrides, run_dir))
+            every = _timed_segment(table, row, overrides, run_dir)
+            times[key].append(every[warmup:])
+            full[key].append(every)
             print(f"{key}: round median {1000 * statistics.median(times[key][-1]):.1f} ms", flush=True)
     data = read_json(step_times_path, {"timings": {}})
     date, state, where = now(), git_state(), machine()
     for key, table, row, overrides, _ in todo:
         timed = [t for segment in times[key] for t in segment]
         deciles = statistics.quantiles(timed, n=10)
+        median = statistics.median(timed)
         data["timings"][key] = {
-            "median_ms": 1000 * statistics.median(timed),
+            "median_ms": 1000 * median,
+            # one-time work a run pays besides its steps (compilation, first-use allocations): the largest
+            # excess of a round's steps over the median, the cold first round included
+            "startup_s": max(sum(segment) - len(segment) * median for segment in full[key]),
             "p10_ms": 1000 * deciles[0],
             "p90_ms": 1000 * deciles[-1],
             "round_medians_ms": [1000 * statistics.median(segment) for segment in times[key]],
@@ -543,18 +595,19 @@ def calibrate(
     return data
 
 
-def default_budget_seconds(step_times: dict) -> float:
-    """The demo's budget: ``trainer.max_steps`` of the demo experiment times its calibrated step."""
-    timing = step_times.get("timings", {}).get(BUDGET_TIMING)
+def default_budget_seconds(step_times: dict, key: str = BUDGET_TIMING) -> float:
+    """The demo's budget: ``trainer.max_steps`` of the demo experiment times the calibrated step of ``key``."""
+    timing = step_times.get("timings", {}).get(key)
     if timing is None:
-        raise SystemExit(f"no '{BUDGET_TIMING}' timing in step_times.json: run `bench/evidence.py calibrate` first")
+        raise SystemExit(f"no '{key}' timing in step_times.json: run `bench/evidence.py calibrate` first")
     demo_steps = compose_run([f"experiment={BUDGET_EXPERIMENT}"], LOGS).trainer.max_steps
     return demo_steps * timing["median_ms"] / 1000
 
 
-def planned_steps(budget_seconds: float, median_ms: float) -> int:
-    """Steps that fit the budget at this median step (at least one)."""
-    return max(1, round(budget_seconds / (median_ms / 1000)))
+def planned_steps(budget_seconds: float, median_ms: float, startup_s: float = 0.0) -> int:
+    """Steps that fit the budget at this median step (at least one), after ``startup_s`` of one-time work
+    (``torch.compile``: the calibrated excess of a cold first round over its median steps)."""
+    return max(1, round((budget_seconds - startup_s) / (median_ms / 1000)))
 
 
 # -- runs ------------------------------------------------------------------------------------------------
@@ -581,8 +634,9 @@ class Budget:
                 f"`bench/evidence.py calibrate {table.name}` on a quiet machine first"
             )
         return {
-            "steps": planned_steps(self.seconds, timing["median_ms"]),
+            "steps": planned_steps(self.seconds, timing["median_ms"], timing.get("startup_s", 0.0)),
             "budget_seconds": self.seconds,
+            "startup_s": timing.get("startup_s", 0.0),
             "timing": key,
             "calibrated_step_ms": timing["median_ms"],
             "timing_date": timing["date"],
@@ -987,14 +1041,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "run":
         if args.steps is not None and (args.results == RESULTS or args.logs == LOGS):
             parser.error("--steps is for checks: give --results and --logs outside bench/results and logs/bench")
-        if args.steps is not None:
-            budget = Budget(steps=args.steps)
-        else:
-            step_times = read_json(step_times_path, {"timings": {}})
-            seconds = args.budget_seconds or default_budget_seconds(step_times)
-            print(f"budget: {seconds:.0f} s ({seconds / 60:.1f} min) of calibrated steps per run")
-            budget = Budget(seconds=seconds, step_times=step_times)
+        step_times = read_json(step_times_path, {"timings": {}})
         for table in tables:
+            if args.steps is not None:
+                budget = Budget(steps=args.steps)
+            else:
+                seconds = args.budget_seconds or default_budget_seconds(step_times, table.budget_timing)
+                print(f"{table.name}: budget {seconds:.0f} s ({seconds / 60:.1f} min) of calibrated steps per run")
+                budget = Budget(seconds=seconds, step_times=step_times)
             outcome = run_table(
                 table,
                 args.split,
@@ -1018,14 +1072,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{markdown}\nwrote {out}")
     else:
         step_times = read_json(step_times_path, {"timings": {}})
-        seconds = None
-        if BUDGET_TIMING in step_times["timings"]:
-            seconds = default_budget_seconds(step_times)
         for table in tables:
+            seconds = None
+            if table.budget_timing in step_times["timings"]:
+                seconds = default_budget_seconds(step_times, table.budget_timing)
             print(f"\n{table.name}: {table.title}; seeds {list(table.seeds)}; base {' '.join(table.base)}")
             for row in table.rows:
                 timing = step_times["timings"].get(table.timing(row))
-                steps = planned_steps(seconds, timing["median_ms"]) if timing and seconds else None
+                startup = timing.get("startup_s", 0.0) if timing else 0.0
+                steps = planned_steps(seconds, timing["median_ms"], startup) if timing and seconds else None
                 print(
                     f"  {row.name!r}: {' '.join(row.overrides) or '(base)'}"
                     + (f" [train on {row.vendor} only]" if row.vendor else "")

@@ -147,6 +147,12 @@ def test_steps_follow_the_budget_and_each_row_timing():
     table = evidence.Table("t", "t", (evidence.Row("a", timing="demo"), evidence.Row("b", timing="slow")))
     assert budget.plan(table, table.rows[0])["steps"] == 450
     assert budget.plan(table, table.rows[1])["steps"] == 375  # 675 s / 1.8 s: a costlier step buys fewer
+    # a compiled row pays its one-time compilation from the same budget: (675 s - 90 s) / 1.2 s
+    step_times["timings"]["compiled"] = {"median_ms": 1200.0, "startup_s": 90.0, "date": "d"}
+    assert budget.plan(table, evidence.Row("c", timing="compiled"))["steps"] == 488
+    # a table calibrated in its own sitting takes its budget from its own demo timing
+    assert evidence.default_budget_seconds(step_times, "slow") == pytest.approx(450 * 1.8)
+    assert evidence.TABLES["tuning"].budget_timing == evidence.TABLES["tuning"].timing(evidence.TABLES["tuning"].rows[0])
     with pytest.raises(SystemExit, match="calibrate"):
         budget.plan(table, evidence.Row("c"))
 
