@@ -152,7 +152,8 @@ def test_steps_follow_the_budget_and_each_row_timing():
     assert budget.plan(table, evidence.Row("c", timing="compiled"))["steps"] == 488
     # a table calibrated in its own sitting takes its budget from its own demo timing
     assert evidence.default_budget_seconds(step_times, "slow") == pytest.approx(450 * 1.8)
-    assert evidence.TABLES["tuning"].budget_timing == evidence.TABLES["tuning"].timing(evidence.TABLES["tuning"].rows[0])
+    tuning = evidence.TABLES["tuning"]
+    assert tuning.budget_timing == tuning.timing(tuning.rows[0])
     with pytest.raises(SystemExit, match="calibrate"):
         budget.plan(table, evidence.Row("c"))
 
