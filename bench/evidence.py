@@ -168,6 +168,7 @@ class Table:
 
 
 DEMO = "+ AMF (emoji_demo)"
+CMLM = ("data.text_mask={mask_prob:0.15,replace_prob:0.8,random_prob:0.1}", "objective.cmlm.enabled=true")
 TABLES: dict[str, Table] = {
     table.name: table
     for table in (
@@ -260,10 +261,32 @@ TABLES: dict[str, Table] = {
                 ),
             ),
             budget_timing="tuning/demo",
+            seeds=(42,),
             notes="Selection runs: `run tuning --split val` trains on `train_names.json` and scores the val "
             "concepts (324 images per vendor), never the test concepts. The timings are calibrated together in "
             "one sitting (`calibrate tuning`), the budget is the demo's 450 steps at this table's own demo "
             "timing, and a compiled row pays its compilation (`startup_s`, the cold round's excess) from it.",
+        ),
+        Table(
+            "vilem",
+            "ViLEM's error generator: the CMLM head reading the text only (default) or fused with the image",
+            (
+                Row("+ CMLM", (*CMLM,), timing="vilem/cmlm"),
+                Row("+ CMLM + ViLEM", (*CMLM, "objective.vilem.enabled=true"), timing="vilem/vilem", vs="+ CMLM"),
+                Row(
+                    "+ CMLM + ViLEM, image-conditioned generator",
+                    (*CMLM, "objective.vilem.enabled=true", "objective.vilem.generator=cmlm_image"),
+                    timing="vilem/vilem",
+                    vs="+ CMLM + ViLEM",
+                ),
+            ),
+            seeds=(42, 43),
+            base=(f"experiment={BUDGET_EXPERIMENT}", "objective=contrastive_only"),
+            budget_timing="tuning/demo",
+            notes="Contrastive only + CMLM (ViLEM draws its errors from the CMLM head, so its baseline trains "
+            "CMLM too), with ViLEM's error modeling on top, for each generator. Detection accuracy is per token "
+            "on seeded edits of the held-out captions, against answering 'not replaced' everywhere (majority); "
+            "correction accuracy is at the replaced tokens. Calibrated with the tuning table (one sitting).",
         ),
     )
 }
@@ -843,6 +866,9 @@ def summarize_row(
         out["rsum"][gallery] = {"mean": mean, "std": std, "per_seed": per_seed}
     for key in ("train_minutes", "budget_minutes", "amf_precision", "amf_recall", "amf_filtered_after_warmup"):
         out[key] = mean_std([rec[key] for rec in found.values() if rec.get(key) is not None])
+    first = [rec["galleries"][gallery_names[0]] for rec in found.values()]
+    for key in ("vilem_det_acc", "vilem_det_majority", "vilem_cor_acc"):  # on the first gallery's captions
+        out[key] = mean_std([scores[key] for scores in first if key in scores])
     if row.vendor and other_vendor:  # in-style minus cross-style, within each run
         gaps = [
             rec["galleries"][row.vendor]["rsum"] - rec["galleries"][other_vendor[row.vendor]]["rsum"]
@@ -886,6 +912,7 @@ def build_table(table: Table, split: str, results: Path, seeds: Sequence[int] | 
         reference["row"] = f"{ref_row.name} (reference: {ref_table.folder(split)})"
     show_amf = any("amf_counts" in record for record in records.values())  # a run with AMF on
     show_gap = any("in_minus_cross" in s for s in summaries)
+    show_vilem = any(s["vilem_det_acc"][0] is not None for s in summaries)
     lines = []
     for s in [*summaries, *([reference] if reference else [])]:
         row = next((r for r in table.rows if r.name == s["row"]), None)  # None for the reference row
@@ -903,6 +930,11 @@ def build_table(table: Table, split: str, results: Path, seeds: Sequence[int] | 
         cells["recall"] = fmt(*[None if v is None else 100 * v for v in s["amf_recall"]])
         cells["filtered"] = fmt(*[None if v is None else 100 * v for v in s["amf_filtered_after_warmup"]])
         cells["gap"] = fmt(*s["in_minus_cross"]) if "in_minus_cross" in s else ""
+        if show_vilem:
+            cells["det"] = fmt(*s["vilem_det_acc"]) + (
+                f" ({fmt(s['vilem_det_majority'][0], None)})" if s["vilem_det_majority"][0] is not None else ""
+            )
+            cells["cor"] = fmt(*s["vilem_cor_acc"])
         lines.append(cells)
     columns = [("row", "row", ""), ("n", "n", "")]
     columns += [(f"{g.capitalize()} rsum", g, "") for g in names]
@@ -915,6 +947,11 @@ def build_table(table: Table, split: str, results: Path, seeds: Sequence[int] | 
             ("AMF precision %", "precision", ""),
             ("AMF recall %", "recall", ""),
             ("filtered %", "filtered", ""),
+        ]
+    if show_vilem:
+        columns += [
+            (f"ViLEM detection % (majority), {names[0].capitalize()}", "det", ""),
+            ("ViLEM correction %", "cor", ""),
         ]
     columns += [
         ("per seed (" + " / ".join(g.capitalize() for g in names) + ")", "per_seed", ""),

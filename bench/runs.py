@@ -68,6 +68,7 @@ def score_galleries(trainer, module, datamodule, manifests: dict[str, str]) -> d
             "images": len(datamodule.entries(manifest)),
             "captions": len(datamodule.gallery_captions(manifest)),
             **module.last_retrieval,
+            **module.last_error_accuracy,  # ViLEM's detection / correction on this gallery's captions, when on
         }
     return scores
 

@@ -141,6 +141,26 @@ def test_table_mean_std_and_seed_values_come_from_the_records(tmp_path):
     assert f"+25.0 ± {se:.1f}" in lines["more"]  # Δ vs base: difference of means ± its standard error
 
 
+def test_vilem_accuracies_are_tabled_from_the_first_gallery(tmp_path):
+    rows = (evidence.Row("cmlm"), evidence.Row("vilem", vs="cmlm"))
+    table = tiny_table(tmp_path, rows, {"google": "test_google.json", "twitter": "test_twitter.json"})
+    results = tmp_path / "results"
+    write_record(results, table, rows[0], 0, {"google": 100.0, "twitter": 90.0})
+    for seed, det in ((0, 84.0), (1, 86.0)):
+        write_record(results, table, rows[1], seed, {"google": 100.0, "twitter": 90.0})
+        path = evidence.record_path(results, table, "test", rows[1], seed)
+        record = json.loads(path.read_text())
+        record["galleries"]["google"].update(vilem_det_acc=det, vilem_det_majority=80.0, vilem_cor_acc=50.0 + seed)
+        record["galleries"]["twitter"].update(vilem_det_acc=0.0, vilem_det_majority=0.0, vilem_cor_acc=0.0)
+        evidence.write_json_atomic(path, record)
+    markdown, summaries = evidence.build_table(table, "test", results, seeds=[0, 1])
+    assert summaries[0]["vilem_det_acc"] == (None, None)
+    assert summaries[1]["vilem_det_acc"][0] == pytest.approx(85.0)  # the Google gallery's, not Twitter's
+    assert "ViLEM detection % (majority), Google" in markdown
+    line = next(line for line in markdown.splitlines() if line.startswith("| vilem "))
+    assert "85.0 ± 1.4 (80.0)" in line and "50.5 ± 0.7" in line
+
+
 def test_steps_follow_the_budget_and_each_row_timing():
     step_times = {"timings": {"demo": {"median_ms": 1500.0, "date": "d"}, "slow": {"median_ms": 1800.0, "date": "d"}}}
     budget = evidence.Budget(seconds=450 * 1.5, step_times=step_times)
