@@ -70,6 +70,13 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=0.2)
     parser.add_argument("--warmup", type=int, default=23, help="warm-up steps (10%% of 230)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--precision",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="bf16: autocast as the demo trains; fp32: what open_clip's training script does on a CPU (its amp "
+        "autocast is CUDA-only)",
+    )
     parser.add_argument("--out", type=Path, default=Path("logs/bench/openclip_reference"))
     args = parser.parse_args()
 
@@ -98,7 +105,7 @@ def main() -> None:
         datamodule.train_sampler.set_epoch(epoch)
         tick = time.perf_counter()
         for batch in loader:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                 image = encoder.encode_image(batch["images"]).embedding  # B x D, L2-normalised
                 text = encoder.encode_text(batch["input_ids"], batch["attention_mask"]).embedding  # B x D
             loss = loss_fn(image.float(), text.float(), logit_scale.exp())
@@ -126,7 +133,7 @@ def main() -> None:
     encoder.eval()
     trainer = L.Trainer(
         accelerator="cpu",
-        precision=cfg.trainer.precision,
+        precision=cfg.trainer.precision if args.precision == "bf16" else "32-true",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -136,7 +143,7 @@ def main() -> None:
     scores = score_galleries(trainer, module, datamodule, {k: str(data_dir / v) for k, v in GALLERIES.items()})
     rows = [
         {
-            "run": f"open_clip reference, seed {args.seed}",
+            "run": f"open_clip reference, {args.precision}, seed {args.seed}",
             "gallery": name,
             **{key: table[key] for key in RETRIEVAL_KEYS},
             "steps": step,
@@ -155,8 +162,9 @@ def main() -> None:
     }
     header = (
         f"# open_clip reference (`python bench/openclip_reference.py --steps {args.steps} --batch {args.batch} "
-        f"--seed {args.seed}`)\n\nSame towers, pairs and crops as `experiment=emoji_demo`; open_clip's ClipLoss "
-        f"and AdamW conventions, lr {args.lr}, weight decay {args.weight_decay}, warm-up {args.warmup}, bf16. "
+        f"--seed {args.seed} --precision {args.precision}`)\n\n"
+        "Same towers, pairs and crops as `experiment=emoji_demo`; open_clip's ClipLoss and AdamW conventions, "
+        f"lr {args.lr}, weight decay {args.weight_decay}, warm-up {args.warmup}, {args.precision}. "
         f"Load average at the end: {os.getloadavg()[0]:.2f} (2 cores)."
     )
     columns = ["run", "gallery", *RETRIEVAL_KEYS, "steps", "batch", "median_step_s", "train_minutes"]
