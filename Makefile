@@ -49,7 +49,7 @@ $(EMOJI_DVAE): | emoji-data
 train: install emoji-data  ## the main job: build the emoji set (cached), pretrain, evaluate on held-out concepts, report
 	$(BIN)/cots-train experiment=emoji_demo
 
-train-mvlm: install emoji-data $(EMOJI_DVAE)  ## the emoji demo with CMVM + CMLM; trains the emoji dVAE first when missing
+train-mvlm: install emoji-data $(EMOJI_DVAE)  ## the emoji demo with the full objective (+ L_task, CMVM, CMLM); trains the emoji dVAE first when missing
 	$(BIN)/cots-train experiment=emoji_mvlm
 
 smoke: install  ## tiny towers on synthetic shapes, under a minute
