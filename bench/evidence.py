@@ -152,6 +152,7 @@ class Table:
     # the timing whose median step x the demo's steps is the budget: a table calibrated in its own sitting
     # names its own demo row, so that its budget and its rows' steps come from the same sitting
     budget_timing: str = BUDGET_TIMING
+    budget_seconds: float | None = None  # a fixed budget instead (``--budget-seconds`` still wins)
 
     def row(self, name: str) -> Row:
         for row in self.rows:
@@ -264,7 +265,8 @@ TABLES: dict[str, Table] = {
                     timing="tuning/contrastive",
                     vs="contrastive only",
                 ),
-                Row(  # no flips: emoji captions say left and right ("backhand index pointing left")
+                # (not flips: emoji captions say left and right, "backhand index pointing left")
+                Row(
                     "contrastive, queue 4096",
                     ("objective=contrastive_only", "model.queue_size=4096"),
                     timing="tuning/contrastive",
@@ -272,8 +274,9 @@ TABLES: dict[str, Table] = {
                 ),
             ),
             budget_timing="tuning/demo",
+            budget_seconds=283.0,
             seeds=(42,),
-            notes="Selection runs: `run tuning --split val --budget-seconds 283` trains on `train_names.json` and "
+            notes="Selection runs: `run tuning --split val` trains on `train_names.json` and "
             "scores the val concepts (324 images per vendor), never the test concepts. 283 s is the open_clip "
             "reference's training on this machine, 230 steps at its median 1.235 s (`python "
             "bench/openclip_reference.py`: 5.07 min of wall time with its data loading and first steps); each "
@@ -1098,7 +1101,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.steps is not None:
                 budget = Budget(steps=args.steps)
             else:
-                seconds = args.budget_seconds or default_budget_seconds(step_times, table.budget_timing)
+                seconds = (
+                    args.budget_seconds
+                    or table.budget_seconds
+                    or default_budget_seconds(step_times, table.budget_timing)
+                )
                 print(f"{table.name}: budget {seconds:.0f} s ({seconds / 60:.1f} min) of calibrated steps per run")
                 budget = Budget(seconds=seconds, step_times=step_times)
             outcome = run_table(
@@ -1125,8 +1132,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         step_times = read_json(step_times_path, {"timings": {}})
         for table in tables:
-            seconds = None
-            if table.budget_timing in step_times["timings"]:
+            seconds = table.budget_seconds
+            if seconds is None and table.budget_timing in step_times["timings"]:
                 seconds = default_budget_seconds(step_times, table.budget_timing)
             print(f"\n{table.name}: {table.title}; seeds {list(table.seeds)}; base {' '.join(table.base)}")
             for row in table.rows:

@@ -178,6 +178,16 @@ def test_steps_follow_the_budget_and_each_row_timing():
         budget.plan(table, evidence.Row("c"))
 
 
+def test_a_table_with_its_own_budget_plans_its_steps_from_it(tmp_path, capsys):
+    """The tuning table trains at the open_clip reference's 283 s, not the demo's budget."""
+    step_times = {"timings": {"tuning/contrastive": {"median_ms": 1000.0, "startup_s": 3.0, "date": "d"}}}
+    evidence.write_json_atomic(tmp_path / "step_times.json", step_times)
+    evidence.main(["list", "tuning", "--results", str(tmp_path)])
+    listed = capsys.readouterr().out
+    assert "'contrastive only': objective=contrastive_only; timing tuning/contrastive: 1000 ms -> 280 steps" in listed
+    assert "tuning/demo: not calibrated" in listed  # its budget does not need the demo's timing
+
+
 def test_vendor_manifest_keeps_only_that_vendors_images(tmp_path):
     source = tmp_path / "emoji" / "train_names.json"
     source.parent.mkdir()
