@@ -860,6 +860,9 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+NOISY_COUNTS = ("filtered_noisy", "kept_noisy")  # a record's AMF counts of injected-noise pairs
+
+
 def summarize_row(
     row: Row,
     records: dict[tuple[str, int], dict],
@@ -882,8 +885,12 @@ def summarize_row(
         per_seed = {seed: found[seed]["galleries"][gallery]["rsum"] if seed in found else None for seed in all_seeds}
         mean, std = mean_std([v for v in per_seed.values() if v is not None])
         out["rsum"][gallery] = {"mean": mean, "std": std, "per_seed": per_seed}
-    for key in ("train_minutes", "budget_minutes", "amf_precision", "amf_recall", "amf_filtered_after_warmup"):
+    for key in ("train_minutes", "budget_minutes", "amf_filtered_after_warmup"):
         out[key] = mean_std([rec[key] for rec in found.values() if rec.get(key) is not None])
+    # precision and recall against injected noise: undefined for a run with none (all it filtered was clean)
+    noisy = [rec for rec in found.values() if any(rec.get("amf_counts", {}).get(k) for k in NOISY_COUNTS)]
+    for key in ("amf_precision", "amf_recall"):
+        out[key] = mean_std([rec[key] for rec in noisy if rec.get(key) is not None])
     first = [rec["galleries"][gallery_names[0]] for rec in found.values()]
     for key in ("vilem_det_acc", "vilem_det_majority", "vilem_cor_acc"):  # on the first gallery's captions
         out[key] = mean_std([scores[key] for scores in first if key in scores])

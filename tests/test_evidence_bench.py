@@ -117,8 +117,12 @@ def test_table_mean_std_and_seed_values_come_from_the_records(tmp_path):
     base = {0: (100.0, 90.0), 1: (110.0, 96.0), 2: (120.0, 93.0)}
     for seed, (google, twitter) in base.items():
         write_record(results, table, rows[0], seed, {"google": google, "twitter": twitter})
-    write_record(results, table, rows[1], 0, {"google": 130.0, "twitter": 100.0}, amf_precision=0.5)
-    write_record(results, table, rows[1], 2, {"google": 140.0, "twitter": 104.0}, amf_precision=0.7)
+    noisy = {"filtered_noisy": 5.0, "filtered_clean": 5.0, "kept_noisy": 1.0, "kept_clean": 9.0}
+    write_record(results, table, rows[1], 0, {"google": 130.0, "twitter": 100.0}, amf_precision=0.5, amf_counts=noisy)
+    write_record(results, table, rows[1], 2, {"google": 140.0, "twitter": 104.0}, amf_precision=0.7, amf_counts=noisy)
+    # on clean data everything AMF drops is clean: its precision against injected noise is undefined, not 0
+    clean = {"filtered_noisy": 0.0, "filtered_clean": 7.0, "kept_noisy": 0.0, "kept_clean": 93.0}
+    write_record(results, table, rows[0], 0, {"google": 100.0, "twitter": 90.0}, amf_precision=0.0, amf_counts=clean)
     write_record(results, table, rows[2], 0, {"google": 150.0, "twitter": 60.0})
     write_record(results, table, rows[2], 1, {"google": 160.0, "twitter": 80.0})
 
@@ -132,6 +136,7 @@ def test_table_mean_std_and_seed_values_come_from_the_records(tmp_path):
     assert second["n"] == 2 and second["missing"] == [1]
     assert second["rsum"]["google"]["per_seed"] == {0: 130.0, 1: None, 2: 140.0}
     assert second["amf_precision"][0] == pytest.approx(0.6)
+    assert first["amf_precision"] == (None, None)
     assert vendor["in_minus_cross"][0] == pytest.approx(85.0)  # (90 + 80) / 2, within each run
     assert vendor["in_minus_cross"][1] == pytest.approx(statistics.stdev([90.0, 80.0]))
     lines = {line.split(" | ")[0].strip("| "): line for line in markdown.splitlines() if line.startswith("| ")}
