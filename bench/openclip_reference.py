@@ -74,8 +74,7 @@ def main() -> None:
         "--precision",
         choices=["bf16", "fp32"],
         default="bf16",
-        help="bf16: autocast as the demo trains; fp32: what open_clip's training script does on a CPU (its amp "
-        "autocast is CUDA-only)",
+        help="bf16: autocast as the demo trains (open_clip's --precision amp_bf16); fp32: its --precision fp32",
     )
     parser.add_argument("--out", type=Path, default=Path("logs/bench/openclip_reference"))
     args = parser.parse_args()
