@@ -591,21 +591,19 @@ def calibrate(
     key, table, row, overrides, run_dir = todo[0]
     print(f"\n=== warm-up ({key}, not timed): {steps} steps", flush=True)
     _timed_segment(table, row, overrides, run_dir.with_name(run_dir.name + "_warmup"))
-    times: dict[str, list[list[float]]] = {key: [] for key, *_ in todo}
     full: dict[str, list[list[float]]] = {key: [] for key, *_ in todo}  # every step of each round
     loads = []
     for round_index in range(rounds):
         for key, table, row, overrides, run_dir in todo:
             loads.append(machine()["loadavg"])
             print(f"\n=== calibrate {key} ({table.name} / {row.name}), round {round_index + 1}/{rounds}", flush=True)
-            every = _timed_segment(table, row, overrides, run_dir)
-            times[key].append(every[warmup:])
-            full[key].append(every)
-            print(f"{key}: round median {1000 * statistics.median(times[key][-1]):.1f} ms", flush=True)
+            full[key].append(_timed_segment(table, row, overrides, run_dir))
+            print(f"{key}: round median {1000 * statistics.median(full[key][-1][warmup:]):.1f} ms", flush=True)
     data = read_json(step_times_path, {"timings": {}})
     date, state, where = now(), git_state(), machine()
     for key, table, row, overrides, _ in todo:
-        timed = [t for segment in times[key] for t in segment]
+        rounds_timed = [segment[warmup:] for segment in full[key]]  # the first steps of each round left out
+        timed = [t for segment in rounds_timed for t in segment]
         deciles = statistics.quantiles(timed, n=10)
         median = statistics.median(timed)
         data["timings"][key] = {
@@ -615,7 +613,7 @@ def calibrate(
             "startup_s": max(sum(segment) - len(segment) * median for segment in full[key]),
             "p10_ms": 1000 * deciles[0],
             "p90_ms": 1000 * deciles[-1],
-            "round_medians_ms": [1000 * statistics.median(segment) for segment in times[key]],
+            "round_medians_ms": [1000 * statistics.median(segment) for segment in rounds_timed],
             "timed_steps": len(timed),
             "left_out_per_round": warmup,
             "rounds": rounds,

@@ -42,12 +42,10 @@ MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps logit_scale to ln(100) after
 
 
 def open_clip_param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
-    """open_clip's rule: no weight decay on 1-d parameters (gains, biases), norms and the logit scale."""
+    """open_clip's rule: no weight decay on 1-d parameters (norm gains, biases) and the logit scale."""
 
     def exclude(name: str, param: torch.nn.Parameter) -> bool:
-        return (
-            param.ndim < 2 or "bn" in name or "ln" in name or "norm" in name or "bias" in name or "logit_scale" in name
-        )
+        return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
     decay = [p for n, p in named if p.requires_grad and not exclude(n, p)]
     no_decay = [p for n, p in named if p.requires_grad and exclude(n, p)]

@@ -284,3 +284,26 @@ def test_training_streams_from_shards_and_resumes_exactly(make_cfg, tmp_path, da
     expected, got = full["module"].model.state_dict(), resumed["module"].model.state_dict()
     worst = max((expected[k].float() - got[k].float()).abs().max().item() for k in expected)
     assert worst < 1e-5, worst
+
+
+def test_a_token_cache_is_refused_with_shards_by_name(make_cfg, shard_dir):
+    """A token cache is indexed by manifest rows: with shards the run stops before training and says so."""
+    from omegaconf import open_dict
+
+    from cots.config_checks import ConfigError
+    from cots.train import train
+
+    cfg = make_cfg("objective=mvlm", f"data.train_shards={shard_dir}")
+    with open_dict(cfg):
+        cfg.data.image_tokens = {
+            "source": "cache",
+            "cache": "/nonexistent/tokens.npy",
+            "dvae_input_size": 32,
+            "vocab_size": 64,
+            "block_mask": {"mask_ratio": 0.4, "min_num_patches": 2},
+        }
+        cfg.data.text_mask = {"mask_prob": 0.15, "replace_prob": 0.8, "random_prob": 0.1}
+    with pytest.raises(
+        ConfigError, match=r"data.image_tokens.source: a token cache is indexed by the rows of a manifest"
+    ):
+        train(cfg)

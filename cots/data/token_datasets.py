@@ -114,7 +114,6 @@ class ImageTextTokenPairs(ImageTextPairs):
         super().__init__(entries, transform=None, seed=seed, **pair_options)
         self.image_size = image_size
         self.token_cache = token_cache
-        self.mask_generator = mask_generator
         if token_cache is not None:
             if len(token_cache) != len(entries):
                 raise ValueError(f"token cache {token_cache.path} has {len(token_cache)} images, the manifest {len(entries)}")
@@ -218,7 +217,7 @@ def build_token_pairs(
         train_transform: ``data.train_transform`` (``scale``, ``hflip``; ``ratio`` optional).
         pair_options: passed to :class:`ImageTextPairs` (``noise_rate``, ``noise_seed``).
     """
-    cfg, transform = dict(image_tokens), dict(train_transform or {})
+    cfg = dict(image_tokens)
     source = cfg.get("source", "online")
     dvae_size = cfg.get("dvae_input_size")
     cache = None
@@ -233,14 +232,22 @@ def build_token_pairs(
         image_size,
         dvae_size,
         seed=seed,
-        scale=transform.get("scale", (0.5, 1.0)),
-        ratio=transform.get("ratio", DEFAULT_RATIO),
-        hflip=transform.get("hflip", 0.0),
+        **crop_args(train_transform),
         token_cache=cache,
         cache_crop=cfg.get("cache_crop"),
         mask_generator=generator,
         **pair_options,
     )
+
+
+def crop_args(train_transform: dict | None) -> dict:
+    """``scale``, ``ratio``, ``hflip`` of the online views from ``data.train_transform`` (both paths read them here)."""
+    transform = dict(train_transform or {})
+    return {
+        "scale": transform.get("scale", (0.5, 1.0)),
+        "ratio": transform.get("ratio", DEFAULT_RATIO),
+        "hflip": transform.get("hflip", 0.0),
+    }
 
 
 def block_mask_generator(dvae_input_size: int, block_mask: dict | None) -> BlockMaskGenerator | None:
@@ -252,10 +259,10 @@ def build_online_views(image_size: int, image_tokens: dict, train_transform: dic
     """The shard path's :class:`OnlineViews` from ``data.image_tokens`` (``source: online``) and
     ``data.train_transform``: the same crops, flips and masks as :func:`build_token_pairs` gives the
     manifest path."""
-    cfg, transform = dict(image_tokens), dict(train_transform or {})
+    cfg = dict(image_tokens)
     if cfg.get("source", "online") != "online":
         raise ValueError("data.image_tokens.source must be online with data.train_shards: a token cache is indexed "
                          "by the rows of a manifest")
     dvae_size = int(cfg["dvae_input_size"])
-    return OnlineViews(image_size, dvae_size, transform.get("scale", (0.5, 1.0)), transform.get("ratio", DEFAULT_RATIO),
-                       transform.get("hflip", 0.0), block_mask_generator(dvae_size, cfg.get("block_mask")))
+    return OnlineViews(image_size, dvae_size, **crop_args(train_transform),
+                       mask_generator=block_mask_generator(dvae_size, cfg.get("block_mask")))
