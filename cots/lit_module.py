@@ -108,6 +108,7 @@ class COTSLitModule(L.LightningModule):
         # a pretrained text tower would fine-tune without its dropout. COTSModel.train() puts every online
         # module in train mode and keeps the momentum encoders in eval (no dropout in the keys).
         self.model.train()
+        self._learning_rates_of_this_schedule()
         # Anything else in eval mode now is a bug.
         others = [name for name, m in self.named_modules() if not m.training and not name.startswith("model.momentum_")]
         if others:
@@ -115,6 +116,24 @@ class COTSLitModule(L.LightningModule):
                 f"{len(others)} module(s) in eval mode at the start of training (only the momentum "
                 f"encoders should be): {others[:8]}{' ...' if len(others) > 8 else ''}"
             )
+
+    def _learning_rates_of_this_schedule(self) -> None:
+        """Set each group's learning rate to this run's schedule at the step training starts from.
+
+        A resume restores the optimizer with the learning rates the saved run's last scheduler step set,
+        from that run's schedule. The schedule's length is this run's (``trainer.max_steps`` may be
+        longer or shorter than the saved run's): without this, the first update after a resume used
+        the saved run's rate, and the next scheduler step moved to this run's curve.
+        """
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                continue
+            pairs = zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+            rates = [base * factor(scheduler.last_epoch) for factor, base in pairs]
+            for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+                group["lr"] = rate
+            scheduler._last_lr = rates  # what get_last_lr() and the lr monitor read
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if self._window != self.global_step:  # the first micro-batch of an accumulation window

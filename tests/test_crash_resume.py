@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -56,8 +56,8 @@ def _with_streams(cfg, out_dir: Path):
     return cfg
 
 
-def _kill_mid_run(overrides: list[str], run_dir: Path, min_step: int, threads: int | None = None) -> Path:
-    """Start ``cots.train`` in its own process group, kill -9 the group once last.ckpt is at ``min_step`` or later.
+def _kill_mid_run(overrides: list[str], run_dir: Path, at_step: int, threads: int | None = None) -> Path:
+    """Run ``cots.train`` in its own process group until it kills the group with SIGKILL at ``at_step``.
 
     ``threads``: torch threads of the run (the float summation order): default this process's; a
     ddp_spawn run in this process gives each worker cpu_count // 2.
@@ -67,22 +67,21 @@ def _kill_mid_run(overrides: list[str], run_dir: Path, min_step: int, threads: i
         "OMP_NUM_THREADS": str(threads or torch.get_num_threads()),
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
     }
+    kill = f"+callbacks.kill={{_target_:kill_switch.KillProcessGroupAt,step:{at_step}}}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cots.train", *overrides, f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "cots.train", *overrides, kill, f"hydra.run.dir={run_dir}"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if last.is_file() and read_checkpoint(last)["global_step"] >= min_step:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the spawned DDP workers too
-    proc.wait()
-    return last
+    try:
+        returncode = proc.wait(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL, f"the run ended with {returncode} before it was killed at step {at_step}"
+    return run_dir / "checkpoints" / "last.ckpt"
 
 
 def _ddp_spawn_threads() -> int:
@@ -97,17 +96,40 @@ def _largest_difference(expected: dict, got: dict) -> tuple[str, float]:
     return worst, diffs[worst]
 
 
+class LearningRates(L.Callback):
+    """The first group's learning rate at the start of every optimizer step, by step."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.by_step[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+STEPS_PER_EPOCH = 12  # COMMON's 64 synthetic pairs at the tiny batch
+
+
 @pytest.mark.slow
-def test_kill_9_mid_epoch_then_resume_matches_the_uninterrupted_run(make_cfg, tmp_path, data_dir):
+@pytest.mark.parametrize(
+    "kill_at",
+    [7, STEPS_PER_EPOCH],
+    ids=["inside-an-epoch", "saved-at-the-last-batch-of-an-epoch"],
+)
+def test_kill_9_mid_epoch_then_resume_matches_the_uninterrupted_run(make_cfg, tmp_path, data_dir, kill_at):
     _, full = train(make_cfg(*COMMON, "trainer.max_steps=40"))
-    overrides = [*TINY, *COMMON, "trainer.max_steps=1000", f"paths.data_dir={data_dir}"]
-    last = _kill_mid_run(overrides, tmp_path / "crashed", min_step=6)
+    overrides = [*TINY, *COMMON, "trainer.max_steps=40", f"paths.data_dir={data_dir}"]
+    last = _kill_mid_run(overrides, tmp_path / "crashed", at_step=kill_at)
     checkpoint = read_checkpoint(last)  # never truncated: saves are written to a temporary file and renamed
-    assert 6 <= checkpoint["global_step"] < 40, checkpoint["global_step"]
+    assert checkpoint["global_step"] == kill_at // 3 * 3, checkpoint["global_step"]  # every_n_steps=3
+    epoch_loop = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert epoch_loop["is_last_batch"] == (kill_at % STEPS_PER_EPOCH == 0), epoch_loop
     _, resumed = train(make_cfg(*COMMON, "trainer.max_steps=40", f"ckpt_path={last}"))
     assert resumed["trainer"].global_step == 40
     worst, diff = _largest_difference(full["module"].state_dict(), resumed["module"].state_dict())
-    print(f"one process, dropout and drop-path on: largest difference after kill -9 and resume {diff:.3g} ({worst})")
+    print(
+        f"one process, dropout and drop-path on: kill -9 after the save at step {checkpoint['global_step']}, "
+        f"resumed: largest difference {diff:.3g} ({worst})"
+    )
     assert diff <= 1e-6, (worst, diff)
     for key in (
         "model.momentum_encoder.image_proj.weight",
@@ -125,10 +147,10 @@ def test_ddp_kill_9_then_resume_continues_each_ranks_own_random_stream(make_cfg,
     _, full = train(_with_streams(make_cfg(*COMMON, *DDP, "trainer.max_steps=24"), tmp_path / "streams"))
     streams = [json.loads((tmp_path / "streams" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(a != b for a, b in zip(*streams, strict=False)), "both ranks drew the same dropout masks"
-    overrides = [*TINY, *COMMON, *DDP, "trainer.max_steps=1000", f"paths.data_dir={data_dir}"]
-    last = _kill_mid_run(overrides, tmp_path / "crashed", min_step=6, threads=_ddp_spawn_threads())
+    overrides = [*TINY, *COMMON, *DDP, "trainer.max_steps=24", f"paths.data_dir={data_dir}"]
+    last = _kill_mid_run(overrides, tmp_path / "crashed", at_step=7, threads=_ddp_spawn_threads())
     step = read_checkpoint(last)["global_step"]
-    assert 6 <= step < 24 and len(read_checkpoint(last)["cots"]["rng"]) == 2, step  # one random state per rank
+    assert step == 6 and len(read_checkpoint(last)["cots"]["rng"]) == 2, step  # one random state per rank
     _, resumed = train(make_cfg(*COMMON, *DDP, "trainer.max_steps=24", f"ckpt_path={last}"))
     worst, diff = _largest_difference(full["module"].state_dict(), resumed["module"].state_dict())
     print(
@@ -136,6 +158,28 @@ def test_ddp_kill_9_then_resume_continues_each_ranks_own_random_stream(make_cfg,
         f"{diff:.3g} ({worst})"
     )
     assert diff <= 1e-6, (worst, diff)
+
+
+def test_a_resume_with_a_longer_run_trains_its_first_step_at_the_longer_schedules_rate(make_cfg, tmp_path):
+    """Extending a finished run (max_steps 12 -> 20): the step after the resume is the 20-step cosine's, not the
+    rate the 12-step run's last scheduler step left in the optimizer (its schedule's end)."""
+    rates = {}
+    for name, overrides in (
+        ("short", ("trainer.max_steps=12",)),
+        ("extended", ("trainer.max_steps=20", f"ckpt_path={tmp_path / 'short' / 'checkpoints' / 'last.ckpt'}")),
+        ("straight", ("trainer.max_steps=20",)),
+    ):
+        cfg = make_cfg(*COMMON, *overrides)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / name)
+            cfg.callbacks.rates = {"_target_": f"{__name__}.LearningRates"}
+        _, objects = train(cfg)
+        (callback,) = [c for c in objects["trainer"].callbacks if isinstance(c, LearningRates)]
+        rates[name] = {**callback.by_step, "left": objects["trainer"].optimizers[0].param_groups[0]["lr"]}
+    assert min(k for k in rates["extended"] if k != "left") == 12
+    assert rates["short"]["left"] < 0.5 * rates["straight"][12]  # what the optimizer held when it was saved
+    for step in (12, 13, 19):
+        assert rates["extended"][step] == pytest.approx(rates["straight"][step], rel=1e-12), step
 
 
 def test_last_ckpt_every_n_steps_under_the_default_callbacks_before_any_validation(make_cfg, tmp_path):

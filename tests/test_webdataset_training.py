@@ -98,10 +98,10 @@ def test_ddp_kill_9_mid_epoch_on_img2dataset_shards_then_resume_exactly(make_cfg
     last.ckpt, resume with ckpt_path=, and end on the uninterrupted run's weights."""
     expected, _ = _shard_run(make_cfg, tmp_path, i2d, 2)
     common = (*COMMON, *DDP, f"data.train_shards={i2d}", "callbacks.recovery_checkpoint.every_n_steps=3")
-    overrides = [*TINY, *common, "trainer.max_steps=1000", f"paths.data_dir={data_dir}"]
-    last = _kill_mid_run(overrides, tmp_path / "crashed", min_step=5, threads=_ddp_spawn_threads())
+    overrides = [*TINY, *common, f"trainer.max_steps={STEPS}", f"paths.data_dir={data_dir}"]
+    last = _kill_mid_run(overrides, tmp_path / "crashed", at_step=7, threads=_ddp_spawn_threads())
     step = read_checkpoint(last)["global_step"]
-    assert 5 <= step < STEPS and step % STEPS_PER_EPOCH, step  # inside an epoch
+    assert step == 6 and step % STEPS_PER_EPOCH, step  # inside an epoch
     _, resumed = train(make_cfg(*common, f"trainer.max_steps={STEPS}", f"ckpt_path={last}"))
     worst, diff = _largest_difference(expected, resumed["module"].state_dict())
     print(f"2-process DDP on img2dataset shards: kill -9 at step {step}, resumed: largest difference {diff:.3g}")
