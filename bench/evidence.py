@@ -825,6 +825,7 @@ def run_one(
             "sittings": sittings,
             "resumed": bool(checkpoint) or len(sittings) > 1,
             "train_loss": metrics.get("train/loss"),
+            "precision": str(trainer.precision),  # what trained: bf16 falls back to fp32 where the CPU emulates it
             **amf_stats(module),
             "finished": now(),
             **git_state(),
@@ -985,6 +986,29 @@ def build_table(table: Table, split: str, results: Path, seeds: Sequence[int] | 
     return render(table, split, records, lines, columns), summaries
 
 
+def precision_of(record: dict) -> str:
+    """The precision a run trained in: recorded, else its last ``trainer.precision=`` override, else the base's."""
+    if record.get("precision"):
+        return record["precision"]
+    given = [o.split("=", 1)[1] for o in record.get("overrides", []) if o.startswith("trainer.precision=")]
+    return given[-1] if given else "the experiment's"
+
+
+def precision_note(records: dict) -> str | None:
+    """One line naming which runs trained in which precision on which CPU, when they are not all alike."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for (name, seed), record in sorted(records.items()):
+        key = (precision_of(record), record.get("machine", {}).get("cpu", "?"))
+        groups.setdefault(key, []).append(f"{name} seed {seed}")
+    if len(groups) < 2:
+        return None
+    return (
+        "Not every run trained alike: "
+        + "; ".join(f"{precision} on {cpu}: {', '.join(runs)}" for (precision, cpu), runs in groups.items())
+        + "."
+    )
+
+
 def render(table: Table, split: str, records: dict, lines: list[dict], columns: list) -> str:
     """Header (what was run, where, on which budget), the table, and how to read it."""
     any_record = next(iter(records.values()), None)
@@ -1023,6 +1047,9 @@ def render(table: Table, split: str, records: dict, lines: list[dict], columns: 
     ]
     if vs:
         parts.append("Compared with: " + "; ".join(f"{a} vs {b}" for a, b in vs.items()) + ".")
+    mixed = precision_note(records)
+    if mixed:
+        parts.append(mixed)
     if table.notes:
         parts += ["", table.notes]
     slugs = {row.slug for row in table.rows}

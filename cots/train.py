@@ -19,6 +19,7 @@ from cots.init_from import InitSource, initialize_from, read_init_source
 from cots.metrics.folds import FoldTables, fold_table_prefix
 from cots.metrics.retrieval import chance_table, format_table
 from cots.next_steps import print_use_the_model
+from cots.precision import fall_back_from_emulated_bf16
 from cots.report import write_report
 from cots.training_step import TrainingStep
 
@@ -82,6 +83,7 @@ def _instantiate_all(group: DictConfig | None) -> list:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Fit and (optionally) test. Returns (metrics, objects) for tests and scripts."""
     check_config(cfg)
+    fall_back_from_emulated_bf16(cfg)
     quiet_expected_messages()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)

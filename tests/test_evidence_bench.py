@@ -213,3 +213,28 @@ def test_vendor_manifest_keeps_only_that_vendors_images(tmp_path):
     assert [e["caption"] for e in kept] == ["grinning face", "beaming face"]
     with pytest.raises(ManifestError, match="apple"):
         evidence.vendor_manifest(source, "apple", out)
+
+
+def test_the_table_names_runs_that_trained_in_another_precision_or_on_another_cpu(tmp_path):
+    rows = (evidence.Row("off"), evidence.Row("on", vs="off"))
+    table = tiny_table(tmp_path, rows, {"google": "test_google.json", "twitter": "test_twitter.json"})
+    results = tmp_path / "results"
+    avx512 = {"cpu": "Xeon (AVX512-BF16)"}
+    for seed in (0, 1):
+        write_record(results, table, rows[0], seed, {"google": 100.0, "twitter": 90.0}, machine=avx512)
+    write_record(results, table, rows[1], 0, {"google": 100.0, "twitter": 90.0}, machine=avx512)
+    markdown, _ = evidence.build_table(table, "test", results)
+    assert "Not every run trained alike" not in markdown  # all alike: nothing to say
+    # an older record names its precision only through its overrides; a newer one records it
+    write_record(
+        results, table, rows[1], 1, {"google": 1.0, "twitter": 1.0},
+        overrides=["seed=1", "trainer.precision=32-true"], machine={"cpu": "AMD EPYC"},
+    )  # fmt: skip
+    markdown, _ = evidence.build_table(table, "test", results)
+    assert (
+        "Not every run trained alike: the experiment's on Xeon (AVX512-BF16): off seed 0, off seed 1, on seed 0; "
+        "32-true on AMD EPYC: on seed 1." in markdown
+    )
+    assert (
+        evidence.precision_of({"precision": "bf16-mixed", "overrides": ["trainer.precision=32-true"]}) == "bf16-mixed"
+    )

@@ -71,6 +71,11 @@ def test_csv_manifest_trains_end_to_end(make_cfg, tmp_path, data_dir):
             for caption in row["caption"]:
                 writer.writerow([row["image"], caption])
     _, objects = train(
-        make_cfg(f"data.train_manifest={folder / 'train.csv'}", "trainer.max_steps=2", "trainer.precision=bf16-mixed")
-    )  # bf16 autocast on the CPU too
+        make_cfg(
+            f"data.train_manifest={folder / 'train.csv'}",
+            "trainer.max_steps=2",
+            "trainer.precision=bf16-mixed",
+            "cpu_bf16_fallback=false",  # bf16 autocast on the CPU too, emulated or not
+        )
+    )
     assert objects["trainer"].global_step == 2 and len(objects["datamodule"].train_set) == 192

@@ -60,11 +60,13 @@ def test_fused_adamw_trains_under_bf16_autocast_with_gradient_clipping(make_cfg)
         make_cfg(
             "optim.optimizer.fused=true",
             "trainer.precision=bf16-mixed",
+            "cpu_bf16_fallback=false",  # bf16 even where this CPU emulates it: the case under test
             "trainer.gradient_clip_val=1e-3",
             "trainer.max_steps=2",
         )
     )
     optimizer = objects["trainer"].optimizers[0]
+    assert objects["trainer"].precision == "bf16-mixed"
     assert optimizer.defaults["fused"] is True and objects["trainer"].global_step == 2
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     assert grads and torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 1e-3 * 1.01  # clipped
