@@ -36,7 +36,8 @@ def fall_back_from_emulated_bf16(cfg: DictConfig) -> str | None:
         return None
     message = (
         f"trainer.precision={precision} on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}): "
-        "its matrix products would be emulated, about 10x slower than fp32 here; training in 32-true instead "
+        "its matrix products would be emulated (the emoji demo's step: 3.4 s in fp32, over 35 s in bf16 on an "
+        "AVX2 CPU); training in 32-true instead "
         "(cpu_bf16_fallback=false keeps bf16)"
     )
     with open_dict(cfg):
