@@ -106,7 +106,7 @@ class LearningRates(L.Callback):
         self.by_step[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
 
 
-STEPS_PER_EPOCH = 12  # COMMON's 64 synthetic pairs at the tiny batch
+STEPS_PER_EPOCH = 12  # COMMON's 64 synthetic images, 3 captions each: 192 pairs in batches of 16
 
 
 @pytest.mark.slow
