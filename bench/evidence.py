@@ -961,11 +961,14 @@ def build_table(table: Table, split: str, results: Path, seeds: Sequence[int] | 
     summaries = [summarize_row(row, records, seeds, names, other) for row in table.rows]
     by_name = {s["row"]: s for s in summaries}
     reference = None
+    shown = dict(records)  # every record a row of the table shows, the reference row's included
     if table.reference:
         ref_table = TABLES[table.reference[0]]
         ref_row = ref_table.row(table.reference[1])
-        reference = summarize_row(ref_row, read_records(results, ref_table, split), ref_table.seeds, names)
+        ref_records = read_records(results, ref_table, split)
+        reference = summarize_row(ref_row, ref_records, ref_table.seeds, names)
         reference["row"] = f"{ref_row.name} (reference: {ref_table.folder(split)})"
+        shown |= {(reference["row"], seed): r for (name, seed), r in ref_records.items() if name == ref_row.slug}
     show_amf = any("amf_counts" in record for record in records.values())  # a run with AMF on
     show_gap = any("in_minus_cross" in s for s in summaries)
     show_vilem = any(s["vilem_det_acc"][0] is not None for s in summaries)
@@ -1015,7 +1018,7 @@ def build_table(table: Table, split: str, results: Path, seeds: Sequence[int] | 
         ("train min", "train_min", ""),
         ("budget min", "budget_min", ""),
     ]
-    return render(table, split, records, lines, columns), summaries
+    return render(table, split, records, lines, columns, precision_note(shown)), summaries
 
 
 def precision_of(record: dict) -> str:
@@ -1041,8 +1044,9 @@ def precision_note(records: dict) -> str | None:
     )
 
 
-def render(table: Table, split: str, records: dict, lines: list[dict], columns: list) -> str:
-    """Header (what was run, where, on which budget), the table, and how to read it."""
+def render(table: Table, split: str, records: dict, lines: list[dict], columns: list, mixed: str | None) -> str:
+    """Header (what was run, where, on which budget), the table, and how to read it; ``mixed``: the
+    :func:`precision_note` of every run shown."""
     any_record = next(iter(records.values()), None)
     gallery_lines = []
     if any_record:
@@ -1079,7 +1083,6 @@ def render(table: Table, split: str, records: dict, lines: list[dict], columns: 
     ]
     if vs:
         parts.append("Compared with: " + "; ".join(f"{a} vs {b}" for a, b in vs.items()) + ".")
-    mixed = precision_note(records)
     if mixed:
         parts.append(mixed)
     if table.notes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -191,6 +192,26 @@ def test_a_table_with_its_own_budget_plans_its_steps_from_it(tmp_path, capsys):
     listed = capsys.readouterr().out
     assert "'contrastive only': objective=contrastive_only; timing tuning/contrastive: 1000 ms -> 280 steps" in listed
     assert "tuning/demo: not calibrated" in listed  # its budget does not need the demo's timing
+
+
+def test_the_precision_line_covers_the_reference_row_borrowed_from_another_table(tmp_path, monkeypatch):
+    galleries = {"google": "test_google.json", "twitter": "test_twitter.json"}
+    demo = evidence.Row("demo")
+    ref_table = replace(tiny_table(tmp_path, (demo,), galleries), name="tinyref")
+    monkeypatch.setitem(evidence.TABLES, "tinyref", ref_table)
+    table = replace(tiny_table(tmp_path, (evidence.Row("one vendor"),), galleries), reference=("tinyref", "demo"))
+    results = tmp_path / "results"
+    rsum = {"google": 100.0, "twitter": 90.0}
+    write_record(results, table, table.rows[0], 0, rsum, precision="32-true", machine={"cpu": "AMD EPYC"})
+    write_record(results, ref_table, demo, 0, rsum, precision="32-true", machine={"cpu": "AMD EPYC"})
+    markdown, _ = evidence.build_table(table, "test", results)
+    assert "Not every run trained alike" not in markdown
+    write_record(results, ref_table, demo, 1, rsum, precision="bf16-mixed", machine={"cpu": "Xeon"})
+    markdown, _ = evidence.build_table(table, "test", results)
+    assert (
+        "Not every run trained alike: 32-true on AMD EPYC: demo (reference: tinyref) seed 0, one_vendor seed 0; "
+        "bf16-mixed on Xeon: demo (reference: tinyref) seed 1." in markdown
+    )
 
 
 def test_vendor_manifest_keeps_only_that_vendors_images(tmp_path):
