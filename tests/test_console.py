@@ -6,6 +6,7 @@ import logging
 
 import lightning as L
 import pytest
+import torch
 from omegaconf import open_dict
 from transformers import BertConfig, BertForMaskedLM
 
@@ -36,6 +37,19 @@ def test_a_pretrained_directory_that_does_not_fit_names_the_weights(tmp_path):
     BertForMaskedLM(config).save_pretrained(tmp_path / "mlm")  # carries an MLM head the tower does not have
     with pytest.raises(ValueError, match=r"unused: \['cls\.predictions"):
         TextTower(pretrained=str(tmp_path / "mlm"))
+
+
+def test_a_half_precision_checkpoint_loads_as_fp32_weights_of_the_same_values(tmp_path):
+    """A half-precision copy of the text tower (what travels to a GPU machine) trains fp32 parameters."""
+    from transformers import BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    BertModel(config, add_pooling_layer=False).half().save_pretrained(tmp_path / "fp16")
+    saved = BertModel.from_pretrained(tmp_path / "fp16", torch_dtype=torch.float16)
+    tower = TextTower(pretrained=str(tmp_path / "fp16"))
+    assert {p.dtype for p in tower.parameters()} == {torch.float32}
+    word = tower.bert.embeddings.word_embeddings.weight
+    assert torch.equal(word, saved.embeddings.word_embeddings.weight.float())
 
 
 class LeaveInEval(L.Callback):

@@ -16,7 +16,9 @@ EXPECTED_UNUSED = ("pooler.",)
 
 def load_pretrained_bert(path) -> BertModel:
     """A local BERT checkpoint without the pooler, quietly: no progress bar, no load report for the expected
-    unused pooler weights. Any other missing, unused or mismatched weight is an error naming it."""
+    unused pooler weights. Any other missing, unused or mismatched weight is an error naming it. The weights
+    are fp32 whatever the checkpoint stores (transformers 5 keeps a half-precision copy's dtype, and AdamW
+    on fp16 parameters loses most updates); mixed precision is the trainer's ``precision``."""
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -30,6 +32,7 @@ def load_pretrained_bert(path) -> BertModel:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+    bert = bert.float()
     unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(EXPECTED_UNUSED)]
     problems = {
         "missing": list(info.get("missing_keys", [])),
