@@ -194,6 +194,23 @@ def test_a_table_with_its_own_budget_plans_its_steps_from_it(tmp_path, capsys):
     assert "tuning/demo: not calibrated" in listed  # its budget does not need the demo's timing
 
 
+def test_budget_scale_multiplies_each_rows_steps(tmp_path, monkeypatch):
+    """The GPU ablation (bench/gpu_evidence.sh) trains each row at 10x its CPU steps."""
+    step_times = {"timings": {"tuning/contrastive": {"median_ms": 1000.0, "startup_s": 3.0, "date": "d"}}}
+    evidence.write_json_atomic(tmp_path / "step_times.json", step_times)
+    planned = []
+
+    def run_table(table, split, seeds, budget, *args, **kwargs):
+        planned.append(budget.plan(table, table.row("contrastive only")))
+        return []
+
+    monkeypatch.setattr(evidence, "run_table", run_table)
+    args = ["run", "tuning", "--results", str(tmp_path), "--only", "contrastive only"]
+    evidence.main(args)
+    evidence.main([*args, "--budget-scale", "10"])
+    assert [p["steps"] for p in planned] == [280, 2827]  # (283 s - 3 s) / 1 s; (2830 s - 3 s) / 1 s
+
+
 def test_the_precision_line_covers_the_reference_row_borrowed_from_another_table(tmp_path, monkeypatch):
     galleries = {"google": "test_google.json", "twitter": "test_twitter.json"}
     demo = evidence.Row("demo")
