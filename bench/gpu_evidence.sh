@@ -42,14 +42,6 @@ cp "$PACK/emoji_dvae.safetensors" tokenizers/artifacts/emoji_dvae.safetensors
 cp bench/results/evidence/step_times.json "$WORK/results/"  # the CPU calibration: each row's share of the budget
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null || echo "nvidia-smi: not available"
 
-MINILM=$WORK/minilm
-OVERRIDES=(
-  "paths.data_dir=$WORK/data"
-  "trainer.accelerator=$DEVICE"
-  "trainer.precision=bf16-mixed"
-  "model.encoder.text_tower.pretrained=$MINILM"
-  "data.text_tokenizer.pretrained=$MINILM"
-)
 if [ -n "${ROWS:-}" ]; then
   IFS=';' read -r -a rows <<<"$ROWS"
 else
@@ -62,17 +54,23 @@ run() {  # one (row, seed) until the deadline
   local log="$WORK/runs/$(echo "$row" | tr -c 'A-Za-z0-9_\n' '_')__seed$seed.log"
   if [ "$left" -le 30 ]; then echo "not started (deadline): $row, seed $seed"; return 0; fi
   echo "start: $row, seed $seed ($left s left)"
+  local overrides=(
+    "paths.data_dir=$WORK/data"
+    "trainer.accelerator=$DEVICE"
+    "trainer.precision=bf16-mixed"
+    "model.encoder.text_tower.pretrained=$WORK/minilm"
+    "data.text_tokenizer.pretrained=$WORK/minilm"
+  )
   timeout --signal=KILL "$left" "$PY" bench/evidence.py run ablation --only "$row" --seeds "$seed" \
     --budget-scale "$SCALE" --results "$WORK/results" --logs "$WORK/logs" --checkpoint-every 1000000 \
-    --overrides "${OVERRIDES[@]}" >"$log" 2>&1 && echo "done: $row, seed $seed" || echo "stopped ($?): $row, seed $seed"
+    --overrides "${overrides[@]}" >"$log" 2>&1 && echo "done: $row, seed $seed" || echo "stopped ($?): $row, seed $seed"
 }
 export -f run
-export start DEADLINE_S SCALE WORK PY
-export OVERRIDES_JOINED="${OVERRIDES[*]}"
+export start DEADLINE_S SCALE WORK PY DEVICE
 jobs_list() { for seed in $SEEDS; do for row in "${rows[@]}"; do printf '%s\t%s\n' "$seed" "$row"; done; done; }
 # each job: seed<TAB>row; xargs keeps PARALLEL going
 jobs_list | tr '\n' '\0' | xargs -0 -P "$PARALLEL" -I{} bash -c \
-  'IFS=$'"'"'\t'"'"' read -r seed row <<<"$1"; read -r -a OVERRIDES <<<"$OVERRIDES_JOINED"; run "$seed" "$row"' _ {}
+  'IFS=$'"'"'\t'"'"' read -r seed row <<<"$1"; run "$seed" "$row"' _ {}
 
 "$PY" bench/evidence.py table ablation --results "$WORK/results" || true
 dest=${OUT:-logs/bench/evidence_gpu}

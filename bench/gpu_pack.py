@@ -33,6 +33,9 @@ from safetensors.torch import load_file, save_file
 
 from cots.local_paths import resolve_local_dir
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_unpack import copy_all_but_weights  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 64 * 2**20  # the device's transfer limit: working tree and carried paths together
 WHEELS = ("hydra-core==1.3.2", "omegaconf==2.3.0")
@@ -50,10 +53,7 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def pack_minilm(source: Path, out: Path) -> None:
     """Every file of the model folder, the weights in fp16 (integer buffers kept) without the pooler, the word
     embeddings as int8 codes and row scales (``<name>.int8``, ``<name>.scale``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for path in source.iterdir():
-        if path.is_file() and path.name != "model.safetensors":
-            shutil.copy2(path, out / path.name)
+    copy_all_but_weights(source, out)
     packed = {}
     for name, tensor in load_file(source / "model.safetensors").items():
         if name.startswith("pooler."):

@@ -29,12 +29,17 @@ def unpack_emoji(archive: Path, data_dir: Path) -> int:
     return images
 
 
-def unpack_minilm(packed: Path, out: Path) -> None:
-    """A loadable model folder: the packed files, the ``<name>.int8`` / ``<name>.scale`` pairs as fp16 ``<name>``."""
+def copy_all_but_weights(source: Path, out: Path) -> None:
+    """A model folder's config, tokenizer and other small files (everything but ``model.safetensors``)."""
     out.mkdir(parents=True, exist_ok=True)
-    for path in packed.iterdir():
+    for path in source.iterdir():
         if path.is_file() and path.name != "model.safetensors":
             shutil.copy2(path, out / path.name)
+
+
+def unpack_minilm(packed: Path, out: Path) -> None:
+    """A loadable model folder: the packed files, the ``<name>.int8`` / ``<name>.scale`` pairs as fp16 ``<name>``."""
+    copy_all_but_weights(packed, out)
     weights = load_file(packed / "model.safetensors")
     for name in [n for n in weights if n.endswith(".int8")]:
         base = name[: -len(".int8")]
