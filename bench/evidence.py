@@ -1015,7 +1015,7 @@ def build_table(table: Table, split: str, results: Path, seeds: Sequence[int] | 
         ("train min", "train_min", ""),
         ("budget min", "budget_min", ""),
     ]
-    return render(table, split, records, lines, columns, precision_note(shown)), summaries
+    return render(table, split, seeds, records, lines, columns, precision_note(shown)), summaries
 
 
 def precision_of(record: dict) -> str:
@@ -1041,7 +1041,9 @@ def precision_note(records: dict) -> str | None:
     )
 
 
-def render(table: Table, split: str, records: dict, lines: list[dict], columns: list, mixed: str | None) -> str:
+def render(
+    table: Table, split: str, seeds: list[int], records: dict, lines: list[dict], columns: list, mixed: str | None
+) -> str:
     """Header (what was run, where, on which budget), the table, and how to read it; ``mixed``: the
     :func:`precision_note` of every run shown."""
     any_record = next(iter(records.values()), None)
@@ -1089,6 +1091,8 @@ def render(table: Table, split: str, records: dict, lines: list[dict], columns: 
     if strays:  # a renamed or removed row: its records are kept but not shown
         parts += ["", "Records of no row of this table (not shown): " + ", ".join(strays) + "."]
     command = f"python bench/evidence.py table {table.name}" + (f" --split {split}" if split != "test" else "")
+    if seeds != list(table.seeds):  # the seeds asked for decide n and the missing ones
+        command += " --seeds " + " ".join(map(str, seeds))
     parts += [
         "",
         markdown_table(lines, columns),

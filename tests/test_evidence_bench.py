@@ -128,6 +128,7 @@ def test_table_mean_std_and_seed_values_come_from_the_records(tmp_path):
     write_record(results, table, rows[2], 1, {"google": 160.0, "twitter": 80.0})
 
     markdown, summaries = evidence.build_table(table, "test", results, seeds=[0, 1, 2])
+    assert "Built by `python bench/evidence.py table tiny --seeds 0 1 2` from 7 records" in markdown
     first, second, vendor = summaries
     assert first["n"] == 3 and first["missing"] == []
     assert first["rsum"]["google"]["mean"] == pytest.approx(110.0)
@@ -160,6 +161,7 @@ def test_vilem_accuracies_are_tabled_from_the_first_gallery(tmp_path):
         record["galleries"]["twitter"].update(vilem_det_acc=0.0, vilem_det_majority=0.0, vilem_cor_acc=0.0)
         evidence.write_json_atomic(path, record)
     markdown, summaries = evidence.build_table(table, "test", results, seeds=[0, 1])
+    assert "Built by `python bench/evidence.py table tiny` from" in markdown  # the table's own seeds: no --seeds
     assert summaries[0]["vilem_det_acc"] == (None, None)
     assert summaries[1]["vilem_det_acc"][0] == pytest.approx(85.0)  # the Google gallery's, not Twitter's
     assert "ViLEM detection % (majority), Google" in markdown
