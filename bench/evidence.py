@@ -945,15 +945,28 @@ def fmt(mean: float | None, std: float | None, digits: int = 1) -> str:
 
 
 def delta(a: dict, b: dict) -> str:
-    """Difference of two rows' means ± the standard error of that difference (Welch; needs n ≥ 2 each)."""
+    """Difference of two rows' means ± the standard error of that difference.
+
+    Rows with records for the same seeds: difference of the means, Welch's standard error (n ≥ 2 each).
+    Rows with different seeds: the mean of the per-seed differences over the seeds both have, ± their
+    standard error (n ≥ 2), with those seeds named, so that one row's lucky or missing seed does not
+    enter the difference (a run's seed moves rsum by about as much as the settings compared).
+    """
     if a["mean"] is None or b["mean"] is None:
         return "–"
-    a_n = sum(v is not None for v in a["per_seed"].values())
-    b_n = sum(v is not None for v in b["per_seed"].values())
+    a_seeds = {seed for seed, v in a["per_seed"].items() if v is not None}
+    b_seeds = {seed for seed, v in b["per_seed"].items() if v is not None}
+    if a_seeds != b_seeds:
+        shared = sorted(a_seeds & b_seeds)
+        if not shared:
+            return "– (no seed in common)"
+        diffs = [a["per_seed"][seed] - b["per_seed"][seed] for seed in shared]
+        spread = f" ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.1f}" if len(diffs) > 1 else ""
+        return f"{statistics.fmean(diffs):+.1f}{spread} (seeds {' '.join(map(str, shared))})"
     diff = a["mean"] - b["mean"]
     if a["std"] is None or b["std"] is None:
         return f"{diff:+.1f}"
-    return f"{diff:+.1f} ± {(a['std'] ** 2 / a_n + b['std'] ** 2 / b_n) ** 0.5:.1f}"
+    return f"{diff:+.1f} ± {(a['std'] ** 2 / len(a_seeds) + b['std'] ** 2 / len(b_seeds)) ** 0.5:.1f}"
 
 
 def build_table(table: Table, split: str, results: Path, seeds: Sequence[int] | None = None) -> tuple[str, list[dict]]:
@@ -1083,7 +1096,8 @@ def render(
         "",
         "rsum: R@1 + R@5 + R@10 of image→text and text→image, in %, max 600; mean ± sample std over the seeds "
         "that have a record (n = records / seeds asked for; a missing seed shows as –). Δ: this row's mean minus "
-        "that of the row it is compared with, ± the standard error of the difference. "
+        "that of the row it is compared with, ± the standard error of the difference; where the two rows have "
+        "records for different seeds, the mean per-seed difference over the seeds both have (named). "
         "train min: wall minutes spent training, summed over sittings (on a shared machine, more than "
         "budget min = steps × calibrated step).",
     ]

@@ -144,8 +144,14 @@ def test_table_mean_std_and_seed_values_come_from_the_records(tmp_path):
     lines = {line.split(" | ")[0].strip("| "): line for line in markdown.splitlines() if line.startswith("| ")}
     assert "110.0 ± 10.0" in lines["base"] and "0: 100.0 / 90.0" in lines["base"]
     assert "135.0 ± 7.1" in lines["more"] and "1: – / –" in lines["more"] and "2/3" in lines["more"]
-    se = (10.0**2 / 3 + statistics.stdev([130.0, 140.0]) ** 2 / 2) ** 0.5
-    assert f"+25.0 ± {se:.1f}" in lines["more"]  # Δ vs base: difference of means ± its standard error
+    # Δ vs base: "more" lacks seed 1, so the per-seed differences over seeds 0 and 2 (30 and 20), ± their
+    # standard error; the difference of the rows' means would be the same 25 here by luck, its error not
+    assert f"+25.0 ± {statistics.stdev([30.0, 20.0]) / 2**0.5:.1f} (seeds 0 2)" in lines["more"]
+    write_record(results, table, rows[1], 1, {"google": 100.0, "twitter": 90.0})  # now the same seeds as base
+    markdown, _ = evidence.build_table(table, "test", results, seeds=[0, 1, 2])
+    lines = {line.split(" | ")[0].strip("| "): line for line in markdown.splitlines() if line.startswith("| ")}
+    se = (10.0**2 / 3 + statistics.stdev([130.0, 100.0, 140.0]) ** 2 / 3) ** 0.5
+    assert f"+13.3 ± {se:.1f} |" in lines["more"]  # same seeds: difference of means ± Welch's standard error
 
 
 def test_vilem_accuracies_are_tabled_from_the_first_gallery(tmp_path):
