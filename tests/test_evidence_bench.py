@@ -154,6 +154,22 @@ def test_table_mean_std_and_seed_values_come_from_the_records(tmp_path):
     assert f"+13.3 ± {se:.1f} |" in lines["more"]  # same seeds: difference of means ± Welch's standard error
 
 
+def test_delta_between_rows_with_different_seeds_pairs_the_seeds_both_have():
+    def row(per_seed):
+        values = [v for v in per_seed.values() if v is not None]
+        std = statistics.stdev(values) if len(values) > 1 else None
+        return {"mean": statistics.fmean(values), "std": std, "per_seed": per_seed}
+
+    lucky_seed_missing = row({0: 10.0, 1: None, 2: 30.0})
+    base = row({0: 0.0, 1: 100.0, 2: 0.0})  # seed 1 is this row's lucky seed
+    # the difference of the means, 20 - 33.3, would read -13.3; seed against seed it is +10 and +30
+    assert (
+        evidence.delta(lucky_seed_missing, base) == f"+20.0 ± {statistics.stdev([10.0, 30.0]) / 2**0.5:.1f} (seeds 0 2)"
+    )
+    assert evidence.delta(row({1: 5.0}), base) == "-95.0 (seeds 1)"  # one seed in common: no error bar
+    assert evidence.delta(row({3: 5.0}), base) == "– (no seed in common)"
+
+
 def test_vilem_accuracies_are_tabled_from_the_first_gallery(tmp_path):
     rows = (evidence.Row("cmlm"), evidence.Row("vilem", vs="cmlm"))
     table = tiny_table(tmp_path, rows, {"google": "test_google.json", "twitter": "test_twitter.json"})
