@@ -296,7 +296,7 @@ TABLES: dict[str, Table] = {
                     timing="tuning2/demo",  # a 4096-key queue adds 64 x 4096 logits to a step of two towers
                     vs=DEMO,
                 ),
-                Row(  # 6 x 6 patches of 8 px instead of 8 x 8: the ViT's tokens were 3/4 of a step's work
+                Row(  # 6 x 6 patches of 8 px instead of 8 x 8: the ViT's tokens are ~2/3 of a step's FLOPs
                     "+ AMF, images 48 px",
                     ("trainer.precision=32-true", "data.image_size=48"),
                     timing="tuning2/img48",
