@@ -290,7 +290,8 @@ TABLES: dict[str, Table] = {
             "Round two for the demo, in fp32 on a CPU without native bf16, at the open_clip reference's budget there",
             (
                 Row(DEMO, ("trainer.precision=32-true",), timing="tuning2/demo"),
-                Row(  # round one's two leaders (one seed each, +8.1 and +6.9 on val Google), together
+                Row(  # round one's two leaders together: +8.1, +6.9 on val Google against a 3-seed mean
+                    # (-2.2, -3.4 seed against seed)
                     "+ AMF, weight decay 0.2, queue 4096",
                     ("trainer.precision=32-true", "optim.optimizer.weight_decay=0.2", "model.queue_size=4096"),
                     timing="tuning2/demo",  # a 4096-key queue adds 64 x 4096 logits to a step of two towers
@@ -960,28 +961,25 @@ def fmt(mean: float | None, std: float | None, digits: int = 1) -> str:
 
 
 def delta(a: dict, b: dict) -> str:
-    """Difference of two rows' means ± the standard error of that difference.
+    """Difference of two rows over the seeds both have, seed against seed: the mean of the per-seed
+    differences ± their standard error (n ≥ 2).
 
-    Rows with records for the same seeds: difference of the means, Welch's standard error (n ≥ 2 each).
-    Rows with different seeds: the mean of the per-seed differences over the seeds both have, ± their
-    standard error (n ≥ 2), with those seeds named, so that one row's lucky or missing seed does not
-    enter the difference (a run's seed moves rsum by about as much as the settings compared).
+    A run's seed (init, data order, crops) moves rsum by about as much as the settings compared, and the
+    same seed gives two rows the same draw of all three, so the per-seed differences cancel most of it.
+    Where the rows have records for different seeds, the seeds in common are named: one row's lucky or
+    missing seed never enters the difference.
     """
     if a["mean"] is None or b["mean"] is None:
         return "–"
     a_seeds = {seed for seed, v in a["per_seed"].items() if v is not None}
     b_seeds = {seed for seed, v in b["per_seed"].items() if v is not None}
-    if a_seeds != b_seeds:
-        shared = sorted(a_seeds & b_seeds)
-        if not shared:
-            return "– (no seed in common)"
-        diffs = [a["per_seed"][seed] - b["per_seed"][seed] for seed in shared]
-        spread = f" ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.1f}" if len(diffs) > 1 else ""
-        return f"{statistics.fmean(diffs):+.1f}{spread} (seeds {' '.join(map(str, shared))})"
-    diff = a["mean"] - b["mean"]
-    if a["std"] is None or b["std"] is None:
-        return f"{diff:+.1f}"
-    return f"{diff:+.1f} ± {(a['std'] ** 2 / len(a_seeds) + b['std'] ** 2 / len(b_seeds)) ** 0.5:.1f}"
+    shared = sorted(a_seeds & b_seeds)
+    if not shared:
+        return "– (no seed in common)"
+    diffs = [a["per_seed"][seed] - b["per_seed"][seed] for seed in shared]
+    spread = f" ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.1f}" if len(diffs) > 1 else ""
+    named = "" if a_seeds == b_seeds else f" (seed{'s' if len(shared) > 1 else ''} {' '.join(map(str, shared))})"
+    return f"{statistics.fmean(diffs):+.1f}{spread}{named}"
 
 
 def build_table(table: Table, split: str, results: Path, seeds: Sequence[int] | None = None) -> tuple[str, list[dict]]:
@@ -1110,9 +1108,9 @@ def render(
         + f"runs at commit {', '.join(commits) or '–'} (`+`: with uncommitted changes).",
         "",
         "rsum: R@1 + R@5 + R@10 of image→text and text→image, in %, max 600; mean ± sample std over the seeds "
-        "that have a record (n = records / seeds asked for; a missing seed shows as –). Δ: this row's mean minus "
-        "that of the row it is compared with, ± the standard error of the difference; where the two rows have "
-        "records for different seeds, the mean per-seed difference over the seeds both have (named). "
+        "that have a record (n = records / seeds asked for; a missing seed shows as –). Δ: this row minus the row "
+        "it is compared with, seed against seed: the mean of the per-seed differences ± their standard error, "
+        "over the seeds both rows have (named when the rows' seeds differ). "
         "train min: wall minutes spent training, summed over sittings (on a shared machine, more than "
         "budget min = steps × calibrated step).",
     ]
