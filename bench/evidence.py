@@ -959,10 +959,10 @@ def delta(a: dict, b: dict) -> str:
     Where the rows have records for different seeds, the seeds in common are named: one row's lucky or
     missing seed never enters the difference.
     """
-    if a["mean"] is None or b["mean"] is None:
-        return "–"
     a_seeds = {seed for seed, v in a["per_seed"].items() if v is not None}
     b_seeds = {seed for seed, v in b["per_seed"].items() if v is not None}
+    if not a_seeds or not b_seeds:  # a row without records
+        return "–"
     shared = sorted(a_seeds & b_seeds)
     if not shared:
         return "– (no seed in common)"

@@ -147,6 +147,8 @@ def test_table_mean_std_and_seed_values_come_from_the_records(tmp_path):
     # Δ vs base: "more" lacks seed 1, so the per-seed differences over seeds 0 and 2 (30 and 20), ± their
     # standard error; the difference of the rows' means would be the same 25 here by luck, its error not
     assert "+25.0 ± 5.0 (seeds 0 2)" in lines["more"]
+    # each gallery against the same gallery of the other row, in the table's gallery order (Twitter: +10, +11)
+    assert "| +25.0 ± 5.0 (seeds 0 2) | +10.5 ± 0.5 (seeds 0 2) |" in lines["more"]
     write_record(results, table, rows[1], 1, {"google": 100.0, "twitter": 90.0})  # now the same seeds as base
     markdown, _ = evidence.build_table(table, "test", results, seeds=[0, 1, 2])
     lines = {line.split(" | ")[0].strip("| "): line for line in markdown.splitlines() if line.startswith("| ")}
@@ -158,7 +160,7 @@ def test_delta_between_rows_pairs_the_seeds_both_have():
     def row(per_seed):
         values = [v for v in per_seed.values() if v is not None]
         std = statistics.stdev(values) if len(values) > 1 else None
-        return {"mean": statistics.fmean(values), "std": std, "per_seed": per_seed}
+        return {"mean": statistics.fmean(values) if values else None, "std": std, "per_seed": per_seed}
 
     lucky_seed_missing = row({0: 10.0, 1: None, 2: 30.0})
     base = row({0: 0.0, 1: 100.0, 2: 0.0})  # seed 1 is this row's lucky seed
@@ -167,6 +169,7 @@ def test_delta_between_rows_pairs_the_seeds_both_have():
     assert evidence.delta(row({1: 5.0}), base) == "-95.0 (seed 1)"  # one seed in common: no error bar
     assert evidence.delta(row({3: 5.0}), base) == "– (no seed in common)"
     assert evidence.delta(row({7: 5.0}), row({7: 2.0})) == "+3.0"  # one seed each, the same one: nothing named
+    assert evidence.delta(row({0: None}), base) == "–"  # a row without records
 
 
 def test_vilem_accuracies_are_tabled_from_the_first_gallery(tmp_path):
