@@ -316,6 +316,12 @@ TABLES: dict[str, Table] = {
                     timing="tuning2/img32",
                     vs=DEMO,
                 ),
+                Row(  # text lr 0.2x cost 17 rsum in round one: does a faster schedule pay within 471 steps?
+                    "+ AMF, images 48 px, lr 1e-3",
+                    ("trainer.precision=32-true", "data.image_size=48", "optim.optimizer.lr=1.0e-3"),
+                    timing="tuning2/img48",  # the same step as 48 px at lr 5e-4
+                    vs="+ AMF, images 48 px",
+                ),
             ),
             budget_timing="tuning2/demo",
             budget_seconds=1101.0,
