@@ -18,6 +18,12 @@ interrupted one from the ``last.ckpt`` in its run folder. Run from the repositor
 
        .venv/bin/python bench/evidence.py calibrate             # every timing the tables use, together
 
+   A row added to a table whose runs have started is timed with ``--add-missing``: only the timings the
+   file lacks, beside their table's budget timing, stored scaled to its committed step (the ratio comes
+   from one sitting; no committed timing, so no run already made, changes)::
+
+       .venv/bin/python bench/evidence.py calibrate tuning2 --add-missing
+
 2. Run the tables, in any number of sittings; the machine may do other work meanwhile, because the
    steps of a row are fixed by the committed step times, never by the run's own timing::
 
@@ -340,7 +346,8 @@ TABLES: dict[str, Table] = {
             "the demo re-measured 3077 ms, and stored as measured (471 steps; scaled to the demo's committed 2980 "
             "ms it would have had 487); images 32 px at 1776 ms beside the demo's 3316 ms (`calibrate tuning2 "
             "--step-times <tmp>`: the ratio between rows comes from one sitting), stored scaled to the demo's "
-            "committed step (1596 ms: 688 steps). Neither re-measure replaced the demo's timing, so its later "
+            "committed step (1596 ms: 688 steps), the step `calibrate --add-missing` now does. Neither re-measure "
+            "replaced the demo's timing, so its later "
             "seeds train its first seeds' 368 steps. The frozen-embeddings row trains the demo's steps (its step "
             "does less).",
         ),
@@ -625,6 +632,7 @@ def calibrate(
     warmup: int = 4,
     rounds: int = 3,
     extra: Sequence[str] = (),
+    add_missing: bool = False,
 ) -> dict:
     """Median step time of every timing the tables use, all measured together, written to ``step_times_path``.
 
@@ -635,9 +643,26 @@ def calibrate(
     out), after one untimed run (the first run of a process is slower); a row's figure is the median
     of its timed steps over all rounds, and the per-round medians are kept to show the drift. Every
     timing the tables use is measured again each time, so the ratios always come from one sitting.
+
+    ``add_missing``: time only the timings ``step_times_path`` lacks, each beside its table's budget
+    timing, and store them scaled to that timing's committed step (``merge_timings``), so that a row
+    added to a half-run table gets its steps without changing the steps of the rows already run.
     """
+    data = read_json(step_times_path, {"timings": {}})
+    wanted = timing_rows(tables)
+    references: dict[str, str] = {}  # missing timing -> the committed timing it is scaled to
+    if add_missing:
+        references = {key: table.budget_timing for key, (table, _) in wanted.items() if key not in data["timings"]}
+        unscalable = sorted({ref for ref in references.values() if ref not in data["timings"]})
+        if unscalable:
+            raise SystemExit(f"no committed {unscalable} timing to scale to: run `calibrate` without --add-missing")
+        if not references:
+            print(f"every timing of {[t.name for t in tables]} is in {step_times_path}: nothing to time")
+            return data
+        keep = {*references, *references.values()}
+        wanted = {key: pair for key, pair in timing_rows([*TABLES.values(), *tables]).items() if key in keep}
     todo = []
-    for key, (table, row) in timing_rows(tables).items():
+    for key, (table, row) in wanted.items():
         overrides = [*row_overrides(table, row, table.seeds[0], steps, extra), f"callbacks.step_timer.warmup={warmup}"]
         todo.append((key, table, row, overrides, logs / "calibrate" / slug(key)))
     problems = [
@@ -658,14 +683,14 @@ def calibrate(
             print(f"\n=== calibrate {key} ({table.name} / {row.name}), round {round_index + 1}/{rounds}", flush=True)
             full[key].append(_timed_segment(table, row, overrides, run_dir))
             print(f"{key}: round median {1000 * statistics.median(full[key][-1][warmup:]):.1f} ms", flush=True)
-    data = read_json(step_times_path, {"timings": {}})
     date, state, where = now(), git_state(), machine()
+    measured: dict[str, dict] = {}
     for key, table, row, overrides, _ in todo:
         rounds_timed = [segment[warmup:] for segment in full[key]]  # the first steps of each round left out
         timed = [t for segment in rounds_timed for t in segment]
         deciles = statistics.quantiles(timed, n=10)
         median = statistics.median(timed)
-        data["timings"][key] = {
+        measured[key] = {
             "median_ms": 1000 * median,
             # one-time work a run pays besides its steps (compilation, first-use allocations): the largest
             # excess of a round's steps over the median, the cold first round included
@@ -685,12 +710,53 @@ def calibrate(
             **where,
         }
         print(
-            f"{key}: median {data['timings'][key]['median_ms']:.1f} ms "
-            f"(rounds {', '.join(f'{v:.0f}' for v in data['timings'][key]['round_medians_ms'])})"
+            f"{key}: median {measured[key]['median_ms']:.1f} ms "
+            f"(rounds {', '.join(f'{v:.0f}' for v in measured[key]['round_medians_ms'])})"
         )
+    data = merge_timings(data, measured, references)
     write_json_atomic(step_times_path, data)
     print(f"wrote {step_times_path}")
     return data
+
+
+SCALED_FIELDS = ("median_ms", "p10_ms", "p90_ms", "round_medians_ms", "startup_s")
+
+
+def merge_timings(stored: dict, measured: dict[str, dict], references: dict[str, str] | None = None) -> dict:
+    """``stored`` (a ``step_times.json``) with the ``measured`` timings of one sitting merged in.
+
+    Without ``references`` every measured timing replaces the stored one. With them (missing timing ->
+    reference timing, both measured in this sitting, the reference also stored), only the missing
+    timings are added, each scaled by the reference's stored / re-measured median, so the ratio
+    between the two comes from one sitting while the reference and the steps of its runs stay as
+    committed. An added entry keeps its own figures under ``measured``, the factor under ``scaled_by``
+    and the re-measures of the timings it was measured beside (not stored) under ``calibrated_with``.
+    """
+    merged = {**stored, "timings": dict(stored.get("timings", {}))}
+    if not references:
+        merged["timings"].update(measured)
+        return merged
+    for key, reference in references.items():
+        if key in merged["timings"]:
+            raise ValueError(f"{key} is already stored: only missing timings are added")
+        factor = merged["timings"][reference]["median_ms"] / measured[reference]["median_ms"]
+        entry = dict(measured[key])
+        entry["measured"] = {name: entry[name] for name in SCALED_FIELDS if name in entry}
+        for name, value in entry["measured"].items():
+            entry[name] = [v * factor for v in value] if isinstance(value, list) else value * factor
+        entry["scaled_by"] = {
+            "factor": factor,
+            "reference": reference,
+            "note": f"{key} measured beside {reference}, scaled by {reference}'s stored / re-measured median, so "
+            f"the ratio between them comes from one sitting and {reference}'s committed step stays",
+        }
+        entry["calibrated_with"] = {
+            other: {"median_ms": timing["median_ms"], "round_medians_ms": timing["round_medians_ms"]}
+            for other, timing in measured.items()
+            if other not in references
+        }
+        merged["timings"][key] = entry
+    return merged
 
 
 def default_budget_seconds(step_times: dict, key: str = BUDGET_TIMING) -> float:
@@ -1167,6 +1233,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_cal.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the rows")
     p_cal.add_argument("--logs", type=Path, default=LOGS)
     p_cal.add_argument("--overrides", nargs="+", default=[], help="Hydra overrides for every timing run")
+    p_cal.add_argument(
+        "--add-missing",
+        action="store_true",
+        help="time only the timings step_times.json lacks, beside their table's budget timing, and store them "
+        "scaled to its committed step (the committed timings and the steps of runs made stay)",
+    )
 
     p_run = sub.add_parser("run", help="run the (row, seed) pairs that have no record; resume interrupted ones")
     common(p_run)
@@ -1208,7 +1280,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     step_times_path = args.step_times or args.results / "step_times.json"
 
     if args.command == "calibrate":
-        calibrate(tables, step_times_path, args.logs, args.calibrate_steps, args.left_out, args.rounds, args.overrides)
+        calibrate(
+            tables,
+            step_times_path,
+            args.logs,
+            args.calibrate_steps,
+            args.left_out,
+            args.rounds,
+            args.overrides,
+            args.add_missing,
+        )
     elif args.command == "run":
         if args.steps is not None and (args.results == RESULTS or args.logs == LOGS):
             parser.error("--steps is for checks: give --results and --logs outside bench/results and logs/bench")

@@ -210,6 +210,50 @@ def test_steps_follow_the_budget_and_each_row_timing():
         budget.plan(table, evidence.Row("c"))
 
 
+def test_add_missing_times_a_new_row_beside_its_reference_and_stores_it_scaled(tmp_path, monkeypatch):
+    """A row added to a half-run table: only it and the table's budget timing are timed; the machine runs
+    2x slower than when the reference was stored, so the new row is stored at half its measured step
+    (the ratio of one sitting) and no stored timing changes, so no run already made changes its steps."""
+    rows = (evidence.Row("demo"), evidence.Row("old"), evidence.Row("new"))
+    table = evidence.Table("t", "t", rows, budget_timing="t/demo")
+    monkeypatch.setattr(evidence, "TABLES", {"t": table})
+    monkeypatch.setattr(evidence, "build_cfg", lambda *args: None)
+    monkeypatch.setattr(evidence, "preflight", lambda *args: [])
+    now_seconds = {"demo": 2.0, "old": 1.8, "new": 1.0}  # a step now; stored: demo 1000 ms, old 900 ms
+    timed = []
+
+    def timed_segment(table, row, overrides, run_dir):
+        timed.append(row.name)
+        return [now_seconds[row.name] * (1.5 if i < 4 else 1.0) for i in range(14)]  # 4 slow first steps
+
+    monkeypatch.setattr(evidence, "_timed_segment", timed_segment)
+    stored = {"timings": {"t/demo": {"median_ms": 1000.0}, "t/old": {"median_ms": 900.0}, "elsewhere": {"x": 1}}}
+    path = tmp_path / "step_times.json"
+    evidence.write_json_atomic(path, stored)
+    evidence.main(["calibrate", "t", "--add-missing", "--step-times", str(path), "--logs", str(tmp_path / "logs")])
+    assert timed == ["demo", "demo", "new", "demo", "new", "demo", "new"]  # warm-up, then 3 rounds; not 'old'
+    timings = json.loads(path.read_text())["timings"]
+    assert {k: timings[k] for k in ("t/demo", "t/old", "elsewhere")} == stored["timings"]
+    new = timings["t/new"]
+    assert new["median_ms"] == pytest.approx(500.0)  # 1000 ms x (1.0 s / 2.0 s)
+    assert new["round_medians_ms"] == pytest.approx([500.0] * 3)
+    assert new["p10_ms"] == pytest.approx(500.0) and new["measured"]["median_ms"] == pytest.approx(1000.0)
+    assert new["scaled_by"]["factor"] == pytest.approx(0.5) and new["scaled_by"]["reference"] == "t/demo"
+    assert new["calibrated_with"]["t/demo"]["median_ms"] == pytest.approx(2000.0)
+    # nothing missing: nothing timed; a reference never stored: nothing to scale to
+    timed.clear()
+    evidence.main(["calibrate", "t", "--add-missing", "--step-times", str(path), "--logs", str(tmp_path / "logs")])
+    assert timed == []
+    evidence.write_json_atomic(path, {"timings": {}})
+    with pytest.raises(SystemExit, match="t/demo"):
+        evidence.main(["calibrate", "t", "--add-missing", "--step-times", str(path), "--logs", str(tmp_path)])
+    # without --add-missing every timing is measured and stored as measured
+    evidence.main(["calibrate", "t", "--step-times", str(path), "--logs", str(tmp_path / "logs")])
+    assert {k: v["median_ms"] for k, v in json.loads(path.read_text())["timings"].items()} == pytest.approx(
+        {"t/demo": 2000.0, "t/old": 1800.0, "t/new": 1000.0}
+    )
+
+
 def test_a_table_with_its_own_budget_plans_its_steps_from_it(tmp_path, capsys):
     """The tuning table trains at the open_clip reference's 283 s, not the demo's budget."""
     step_times = {"timings": {"tuning/contrastive": {"median_ms": 1000.0, "startup_s": 3.0, "date": "d"}}}
