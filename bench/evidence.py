@@ -345,23 +345,24 @@ TABLES: dict[str, Table] = {
             budget_seconds=1101.0,
             seeds=(42,),
             notes="Round one (`tuning_val.md`) ran in bf16 on a CPU with AVX512-BF16; on a CPU without it (AVX2 only) "
-            "bf16 is emulated and 10x slower, so this round trains in fp32 and measures its budget on that CPU: the"
-            " open_clip reference (`python bench/openclip_reference.py --precision fp32 --steps 25`) took a median "
-            "4.79 s a step there, 230 steps = 1101 s. Its demo row is round one's demo in fp32, so every Δ compares"
-            " runs of one precision on one CPU. Chosen on val (`run tuning2 --split val`, seed 42: two settings, "
-            "nine over both rounds), the winner then scored on test once, seeds 42-44 (`run tuning2 --only '+ AMF, "
-            "weight decay 0.2, queue 4096' --seeds 42 43 44`; `table tuning2 --seeds 42 43 44`). That pick compared"
-            " one seed with a three-seed mean (see Δ). Round three (images 48 px, frozen embeddings) screens on "
-            "val with the demo's seeds, seed against seed (`run tuning2 --split val --seeds 42 43 44`); round "
-            "four, the last two rows (images 32 px against the demo; 48 px at lr 1e-3 against 48 px), with seeds "
-            "42 and 43; thirteen settings over four rounds. Images 48 px was timed at 2317 ms in a sitting where "
-            "the demo re-measured 3077 ms, and stored as measured (471 steps; scaled to the demo's committed 2980 "
-            "ms it would have had 487); images 32 px at 1776 ms beside the demo's 3316 ms (`calibrate tuning2 "
-            "--step-times <tmp>`: the ratio between rows comes from one sitting), stored scaled to the demo's "
-            "committed step (1596 ms: 688 steps), the step `calibrate --add-missing` now does. Neither re-measure "
-            "replaced the demo's timing, so its later "
-            "seeds train its first seeds' 368 steps. The frozen-embeddings row trains the demo's steps (its step "
-            "does less).",
+            "bf16 is emulated and 10x slower, so this round trains in fp32 and measures its budget on that CPU: "
+            "the open_clip reference (`python bench/openclip_reference.py --precision fp32 --steps 25`) took a "
+            "median 4.79 s a step there, 230 steps = 1101 s. Its demo row is round one's demo in fp32, so every "
+            "Δ compares runs of one precision on one CPU. Chosen on val (`run tuning2 --split val`, seed 42: two "
+            "settings, nine over both rounds), the winner then scored on test once, seeds 42-44 (`run tuning2 "
+            "--only '+ AMF, weight decay 0.2, queue 4096' --seeds 42 43 44`; `table tuning2 --seeds 42 43 44`). "
+            "That pick compared one seed with a three-seed mean (see Δ). Round three (images 48 px, frozen "
+            "embeddings) screens on val with the demo's seeds, seed against seed (`run tuning2 --split val "
+            "--seeds 42 43 44`); round four (images 32 px against the demo, seeds 42-44, then scored on test: "
+            "`run tuning2 --only '+ AMF, images 32 px' --seeds 42 43 44`; 48 px at lr 1e-3 against 48 px, seed "
+            "42); round five, 32 px with the image tower at lr 1e-3 against 32 px; fourteen settings over five "
+            "rounds. Images 48 px was timed at 2317 ms in a sitting where the demo re-measured 3077 ms, and "
+            "stored as measured (471 steps; scaled to the demo's committed 2980 ms it would have had 487); "
+            "images 32 px at 1776 ms beside the demo's 3316 ms (`calibrate tuning2 --step-times <tmp>`: the "
+            "ratio between rows comes from one sitting), stored scaled to the demo's committed step (1596 ms: "
+            "688 steps), the step `calibrate --add-missing` now does. Neither re-measure replaced the demo's "
+            "timing, so its later seeds train its first seeds' 368 steps. The frozen-embeddings row trains the "
+            "demo's steps (its step does less).",
         ),
         Table(
             "vilem",
