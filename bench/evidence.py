@@ -114,6 +114,9 @@ class Row:
     ``timing`` names the entry of step_times.json whose median step sets the row's steps (rows whose
     step does the same work share one; None: the row's own, ``<table>/<slug>``); ``vs`` the row it is
     compared with in the Δ columns; ``vendor`` restricts training to that vendor's images.
+    ``step_statistic``: ``median`` of the calibrated steps, or ``mean`` for a row whose step time
+    follows what its batch holds (length buckets: a batch costs what its longest caption costs), where
+    steps x median would under-count the long batches and overrun the budget.
     """
 
     name: str
@@ -121,6 +124,7 @@ class Row:
     timing: str | None = None
     vs: str | None = None
     vendor: str | None = None
+    step_statistic: str = "median"
 
     @property
     def slug(self) -> str:
@@ -339,6 +343,14 @@ TABLES: dict[str, Table] = {
                     ),
                     timing="tuning2/img32",  # the same step as 32 px at lr 5e-4
                     vs="+ AMF, images 32 px",
+                ),
+                Row(  # at 32 px the text tower is ~2/3 of a step's FLOPs, and a random batch of 64 names (7.6
+                    # tokens on average) pads to 18: batches of similar length pad to 8.2, for more steps
+                    "+ AMF, images 32 px, length buckets 16",
+                    ("trainer.precision=32-true", "data.image_size=32", "data.length_buckets=16"),
+                    timing="tuning2/img32_buckets16",
+                    vs="+ AMF, images 32 px",
+                    step_statistic="mean",  # a batch's step follows its longest caption
                 ),
             ),
             budget_timing="tuning2/demo",
@@ -654,8 +666,10 @@ def calibrate(
     0.96 s a step, then 1.26 s twenty minutes later on an idle machine). So the rows are timed in
     interleaved rounds, each round a short run of every row (``steps`` steps, the first ``warmup`` left
     out), after one untimed run (the first run of a process is slower); a row's figure is the median
-    of its timed steps over all rounds, and the per-round medians are kept to show the drift. Every
-    timing the tables use is measured again each time, so the ratios always come from one sitting.
+    (and the mean) of its timed steps over all rounds, and the per-round medians are kept to show the
+    drift. Round r trains seed ``seeds[0] + r``, so that a row whose step depends on its batches
+    (length buckets) is timed on other batches each round. Every timing the tables use is measured
+    again each time, so the ratios always come from one sitting.
 
     ``add_missing``: time only the timings ``step_times_path`` lacks, each beside its table's budget
     timing, and store them scaled to that timing's committed step (``merge_timings``), so that a row
@@ -674,10 +688,15 @@ def calibrate(
             return data
         keep = {*references, *references.values()}
         wanted = {key: pair for key, pair in timing_rows([*TABLES.values(), *tables]).items() if key in keep}
-    todo = []
-    for key, (table, row) in wanted.items():
-        overrides = [*row_overrides(table, row, table.seeds[0], steps, extra), f"callbacks.step_timer.warmup={warmup}"]
-        todo.append((key, table, row, overrides, logs / "calibrate" / slug(key)))
+
+    def overrides_of(table: Table, row: Row, round_index: int) -> list[str]:
+        seed = table.seeds[0] + round_index
+        return [*row_overrides(table, row, seed, steps, extra), f"callbacks.step_timer.warmup={warmup}"]
+
+    todo = [
+        (key, table, row, overrides_of(table, row, 0), logs / "calibrate" / slug(key))
+        for key, (table, row) in wanted.items()
+    ]
     problems = [
         f"{key}: {p}"
         for key, table, row, overrides, run_dir in todo
@@ -691,10 +710,10 @@ def calibrate(
     full: dict[str, list[list[float]]] = {key: [] for key, *_ in todo}  # every step of each round
     loads = []
     for round_index in range(rounds):
-        for key, table, row, overrides, run_dir in todo:
+        for key, table, row, _, run_dir in todo:
             loads.append(machine()["loadavg"])
             print(f"\n=== calibrate {key} ({table.name} / {row.name}), round {round_index + 1}/{rounds}", flush=True)
-            full[key].append(_timed_segment(table, row, overrides, run_dir))
+            full[key].append(_timed_segment(table, row, overrides_of(table, row, round_index), run_dir))
             print(f"{key}: round median {1000 * statistics.median(full[key][-1][warmup:]):.1f} ms", flush=True)
     date, state, where = now(), git_state(), machine()
     measured: dict[str, dict] = {}
@@ -705,6 +724,7 @@ def calibrate(
         median = statistics.median(timed)
         measured[key] = {
             "median_ms": 1000 * median,
+            "mean_ms": 1000 * statistics.fmean(timed),
             # one-time work a run pays besides its steps (compilation, first-use allocations): the largest
             # excess of a round's steps over the median, the cold first round included
             "startup_s": max(sum(segment) - len(segment) * median for segment in full[key]),
@@ -717,7 +737,7 @@ def calibrate(
             "load_averages_during": loads,  # of this sitting: each calibration keeps its own
             "table": table.name,
             "row": row.name,
-            "overrides": overrides,
+            "overrides": overrides,  # of round 1; round r trains seed + r - 1
             "date": date,
             **state,
             **where,
@@ -732,7 +752,7 @@ def calibrate(
     return data
 
 
-SCALED_FIELDS = ("median_ms", "p10_ms", "p90_ms", "round_medians_ms", "startup_s")
+SCALED_FIELDS = ("median_ms", "mean_ms", "p10_ms", "p90_ms", "round_medians_ms", "startup_s")
 
 
 def merge_timings(stored: dict, measured: dict[str, dict], references: dict[str, str] | None = None) -> dict:
@@ -810,12 +830,19 @@ class Budget:
                 f"no timing '{key}' (row {row.name!r}) in step_times.json: run "
                 f"`bench/evidence.py calibrate {table.name}` on a quiet machine first"
             )
+        step_ms = timing.get(f"{row.step_statistic}_ms")
+        if step_ms is None:
+            raise SystemExit(
+                f"timing '{key}' has no {row.step_statistic} step (row {row.name!r} needs it): calibrated before "
+                f"calibrate stored it; time it again"
+            )
         return {
-            "steps": planned_steps(self.seconds, timing["median_ms"], timing.get("startup_s", 0.0)),
+            "steps": planned_steps(self.seconds, step_ms, timing.get("startup_s", 0.0)),
             "budget_seconds": self.seconds,
             "startup_s": timing.get("startup_s", 0.0),
             "timing": key,
-            "calibrated_step_ms": timing["median_ms"],
+            "calibrated_step_ms": step_ms,
+            "step_statistic": row.step_statistic,
             "timing_date": timing["date"],
             "timing_commit": timing.get("commit"),
         }
@@ -1349,12 +1376,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             for row in table.rows:
                 timing = step_times["timings"].get(table.timing(row))
                 startup = timing.get("startup_s", 0.0) if timing else 0.0
-                steps = planned_steps(seconds, timing["median_ms"], startup) if timing and seconds else None
+                step_ms = timing.get(f"{row.step_statistic}_ms") if timing else None
+                steps = planned_steps(seconds, step_ms, startup) if step_ms and seconds else None
                 print(
                     f"  {row.name!r}: {' '.join(row.overrides) or '(base)'}"
                     + (f" [train on {row.vendor} only]" if row.vendor else "")
                     + f"; timing {table.timing(row)}: "
-                    + (f"{timing['median_ms']:.0f} ms -> {steps} steps" if timing else "not calibrated")
+                    + (f"{step_ms:.0f} ms ({row.step_statistic}) -> {steps} steps" if step_ms else "not calibrated")
                 )
 
 

@@ -208,6 +208,12 @@ def test_steps_follow_the_budget_and_each_row_timing():
     assert tuning.budget_timing == tuning.timing(tuning.rows[0])
     with pytest.raises(SystemExit, match="calibrate"):
         budget.plan(table, evidence.Row("c"))
+    # a row whose step follows its batches (length buckets) pays for its long batches: steps x mean step
+    step_times["timings"]["buckets"] = {"median_ms": 900.0, "mean_ms": 1125.0, "date": "d"}
+    assert budget.plan(table, evidence.Row("d", timing="buckets"))["steps"] == 750
+    assert budget.plan(table, evidence.Row("d", timing="buckets", step_statistic="mean"))["steps"] == 600
+    with pytest.raises(SystemExit, match="no mean step"):
+        budget.plan(table, evidence.Row("d", timing="demo", step_statistic="mean"))
 
 
 def test_add_missing_times_a_new_row_beside_its_reference_and_stores_it_scaled(tmp_path, monkeypatch):
@@ -224,7 +230,10 @@ def test_add_missing_times_a_new_row_beside_its_reference_and_stores_it_scaled(t
 
     def timed_segment(table, row, overrides, run_dir):
         timed.append(row.name)
+        seeds.append(next(o for o in overrides if o.startswith("seed=")))
         return [now_seconds[row.name] * (1.5 if i < 4 else 1.0) for i in range(14)]  # 4 slow first steps
+
+    seeds = []
 
     monkeypatch.setattr(evidence, "_timed_segment", timed_segment)
     stored = {"timings": {"t/demo": {"median_ms": 1000.0}, "t/old": {"median_ms": 900.0}, "elsewhere": {"x": 1}}}
@@ -232,12 +241,14 @@ def test_add_missing_times_a_new_row_beside_its_reference_and_stores_it_scaled(t
     evidence.write_json_atomic(path, stored)
     evidence.main(["calibrate", "t", "--add-missing", "--step-times", str(path), "--logs", str(tmp_path / "logs")])
     assert timed == ["demo", "demo", "new", "demo", "new", "demo", "new"]  # warm-up, then 3 rounds; not 'old'
+    assert seeds == ["seed=42"] * 3 + ["seed=43"] * 2 + ["seed=44"] * 2  # other batches each round
     timings = json.loads(path.read_text())["timings"]
     assert {k: timings[k] for k in ("t/demo", "t/old", "elsewhere")} == stored["timings"]
     new = timings["t/new"]
     assert new["median_ms"] == pytest.approx(500.0)  # 1000 ms x (1.0 s / 2.0 s)
     assert new["round_medians_ms"] == pytest.approx([500.0] * 3)
     assert new["p10_ms"] == pytest.approx(500.0) and new["measured"]["median_ms"] == pytest.approx(1000.0)
+    assert new["mean_ms"] == pytest.approx(500.0) and new["measured"]["mean_ms"] == pytest.approx(1000.0)
     assert new["scaled_by"]["factor"] == pytest.approx(0.5) and new["scaled_by"]["reference"] == "t/demo"
     assert new["calibrated_with"]["t/demo"]["median_ms"] == pytest.approx(2000.0)
     # nothing missing: nothing timed; a reference never stored: nothing to scale to
@@ -260,7 +271,10 @@ def test_a_table_with_its_own_budget_plans_its_steps_from_it(tmp_path, capsys):
     evidence.write_json_atomic(tmp_path / "step_times.json", step_times)
     evidence.main(["list", "tuning", "--results", str(tmp_path)])
     listed = capsys.readouterr().out
-    assert "'contrastive only': objective=contrastive_only; timing tuning/contrastive: 1000 ms -> 280 steps" in listed
+    assert (
+        "'contrastive only': objective=contrastive_only; timing tuning/contrastive: 1000 ms (median) -> 280 steps"
+        in listed
+    )
     assert "tuning/demo: not calibrated" in listed  # its budget does not need the demo's timing
 
 

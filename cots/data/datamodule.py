@@ -65,6 +65,9 @@ class ImageTextDataModule(L.LightningDataModule):
         shard_block_size: bytes per range request of remote shards (null: 1 MiB).
         decoder: how shard images are decoded: ``pillow`` (as the manifest path), ``simplejpeg`` or
             ``torchvision`` (:mod:`cots.data.decode`); ``jpeg_reduce``: decode large JPEGs at 1/2, 1/4, 1/8.
+        length_buckets: 0, or global batches per bucket of the manifest path's training order: each
+            batch then holds captions of similar token length, so that it pads less
+            (:func:`cots.data.sampler.group_by_length`).
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class ImageTextDataModule(L.LightningDataModule):
         shard_block_size: int | None = None,
         decoder: str = "pillow",
         jpeg_reduce: bool = False,
+        length_buckets: int = 0,
     ) -> None:
         super().__init__()
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
@@ -131,6 +135,9 @@ class ImageTextDataModule(L.LightningDataModule):
         self.train_stream: ShardPairs | None = None
         self._resume_state: dict | None = None
         check_pair_groups(pair_groups)  # now, not at the first batch
+        if length_buckets < 0:
+            raise ValueError(f"data.length_buckets must be 0 (off) or a number of global batches, got {length_buckets}")
+        self.length_buckets = length_buckets
         self.pair_groups = pair_groups
 
     # -- preparation (idempotent; safe to call from every rank) --------------------------
@@ -222,7 +229,11 @@ class ImageTextDataModule(L.LightningDataModule):
             return self._shard_loader()
         pairs = self._train_pairs()
         rank, world = self._rank_world()
-        self.train_sampler = ShardedEpochSampler(len(pairs), rank, world, shuffle=True, seed=self.seed, batch_size=self.batch_size)
+        lengths = self.build_text_tokenizer().lengths(pairs.captions()) if self.length_buckets > 1 else None
+        self.train_sampler = ShardedEpochSampler(
+            len(pairs), rank, world, shuffle=True, seed=self.seed, batch_size=self.batch_size,
+            lengths=lengths, length_buckets=self.length_buckets,
+        )
         if self._resume_state:
             self.train_sampler.resume_from(self._resume_state["epoch"], self._resume_state["consumed"])
             self._resume_state = None
@@ -316,6 +327,9 @@ class ImageTextDataModule(L.LightningDataModule):
                 problems.append(f"data.train_shards: {err}")
             if self.noise_rate > 0:
                 problems.append("data.noise_rate: not supported with data.train_shards")
+            if self.length_buckets > 1:
+                problems.append("data.length_buckets: a shard stream has no epoch order to regroup; "
+                                "only with data.train_manifest")
             if self.image_tokens and self.image_tokens.get("source", "online") != "online":
                 problems.append("data.image_tokens.source: a token cache is indexed by the rows of a manifest; with "
                                 "data.train_shards the dVAE tokenizes each crop in the step (source=online)")

@@ -54,6 +54,10 @@ class TextTokenizer:
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask
 
+    def lengths(self, texts: list[str]) -> list[int]:
+        """Tokens of each text as a batch would hold them ([CLS] and [SEP] included, at most max_length)."""
+        return [sum(e.attention_mask) for e in self.backend.encode_batch(texts)]
+
     def to_str(self) -> str:
         return self.backend.to_str()
 
