@@ -126,6 +126,12 @@ class Row:
     vendor: str | None = None
     step_statistic: str = "median"
 
+    def __post_init__(self) -> None:
+        if self.step_statistic not in ("median", "mean"):
+            raise ValueError(
+                f"row {self.name!r}: step_statistic must be 'median' or 'mean', got {self.step_statistic!r}"
+            )
+
     @property
     def slug(self) -> str:
         return slug(self.name)
@@ -722,12 +728,13 @@ def calibrate(
         timed = [t for segment in rounds_timed for t in segment]
         deciles = statistics.quantiles(timed, n=10)
         median = statistics.median(timed)
+        per_step = statistics.fmean(timed) if row.step_statistic == "mean" else median  # what plans the steps
         measured[key] = {
             "median_ms": 1000 * median,
             "mean_ms": 1000 * statistics.fmean(timed),
             # one-time work a run pays besides its steps (compilation, first-use allocations): the largest
-            # excess of a round's steps over the median, the cold first round included
-            "startup_s": max(sum(segment) - len(segment) * median for segment in full[key]),
+            # excess of a round's steps over the step that plans the row's steps, the cold first round included
+            "startup_s": max(sum(segment) - len(segment) * per_step for segment in full[key]),
             "p10_ms": 1000 * deciles[0],
             "p90_ms": 1000 * deciles[-1],
             "round_medians_ms": [1000 * statistics.median(segment) for segment in rounds_timed],

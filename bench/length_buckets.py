@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="JSON of the figures")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: experiment=emoji_demo)")
     args = parser.parse_args(argv)
+    args.buckets = [0, *(b for b in args.buckets if b > 1)]  # the rows are compared with no buckets
     overrides = (
         args.overrides
         if any(o.startswith("experiment=") for o in args.overrides)

@@ -214,6 +214,8 @@ def test_steps_follow_the_budget_and_each_row_timing():
     assert budget.plan(table, evidence.Row("d", timing="buckets", step_statistic="mean"))["steps"] == 600
     with pytest.raises(SystemExit, match="no mean step"):
         budget.plan(table, evidence.Row("d", timing="demo", step_statistic="mean"))
+    with pytest.raises(ValueError, match="step_statistic must be"):
+        evidence.Row("e", step_statistic="p90")
 
 
 def test_add_missing_times_a_new_row_beside_its_reference_and_stores_it_scaled(tmp_path, monkeypatch):
@@ -231,7 +233,8 @@ def test_add_missing_times_a_new_row_beside_its_reference_and_stores_it_scaled(t
     def timed_segment(table, row, overrides, run_dir):
         timed.append(row.name)
         seeds.append(next(o for o in overrides if o.startswith("seed=")))
-        return [now_seconds[row.name] * (1.5 if i < 4 else 1.0) for i in range(14)]  # 4 slow first steps
+        # 4 slow first steps; then every third step twice as long (long batches): median 1x, mean 1.3x
+        return [now_seconds[row.name] * (1.5 if i < 4 else 2.0 if i % 3 == 0 else 1.0) for i in range(14)]
 
     seeds = []
 
@@ -248,7 +251,7 @@ def test_add_missing_times_a_new_row_beside_its_reference_and_stores_it_scaled(t
     assert new["median_ms"] == pytest.approx(500.0)  # 1000 ms x (1.0 s / 2.0 s)
     assert new["round_medians_ms"] == pytest.approx([500.0] * 3)
     assert new["p10_ms"] == pytest.approx(500.0) and new["measured"]["median_ms"] == pytest.approx(1000.0)
-    assert new["mean_ms"] == pytest.approx(500.0) and new["measured"]["mean_ms"] == pytest.approx(1000.0)
+    assert new["mean_ms"] == pytest.approx(650.0) and new["measured"]["mean_ms"] == pytest.approx(1300.0)
     assert new["scaled_by"]["factor"] == pytest.approx(0.5) and new["scaled_by"]["reference"] == "t/demo"
     assert new["calibrated_with"]["t/demo"]["median_ms"] == pytest.approx(2000.0)
     # nothing missing: nothing timed; a reference never stored: nothing to scale to

@@ -66,18 +66,20 @@ def test_ranks_together_see_the_single_process_batches_and_resume_mid_epoch(worl
 
 def test_datamodule_batches_pad_less_with_length_buckets(make_cfg) -> None:
     widths, seen = {}, {}
-    for buckets in (0, 4):
-        datamodule = instantiate(make_cfg(f"data.length_buckets={buckets}").data)
+    for buckets, noise in ((0, 0.0), (4, 0.0), (4, 0.5)):
+        datamodule = instantiate(make_cfg(f"data.length_buckets={buckets}", f"data.noise_rate={noise}").data)
         datamodule.setup("fit")
         batches = list(datamodule.train_dataloader())
-        lengths = torch.tensor(datamodule.text_tokenizer.lengths(datamodule.train_set.captions()))
+        captions = datamodule.train_set.captions()  # after the noise's caption swaps
+        lengths = torch.tensor(datamodule.text_tokenizer.lengths(captions))
+        assert lengths.tolist() == datamodule.text_tokenizer.lengths(captions, chunk=7)
         assert len(set(lengths.tolist())) > 1  # the synthetic captions differ in length
-        seen[buckets] = sorted(torch.cat([b["index"] for b in batches]).tolist())
-        widths[buckets] = sum(b["attention_mask"].numel() for b in batches)
+        seen[buckets, noise] = sorted(torch.cat([b["index"] for b in batches]).tolist())
+        widths[buckets, noise] = sum(b["attention_mask"].numel() for b in batches)
         for b in batches:  # the mask is each caption's tokens, padded to the batch's longest
             assert torch.equal(b["attention_mask"].sum(1), lengths[b["index"]])
-    assert seen[4] == seen[0]  # the same pairs in the epoch
-    assert widths[4] < widths[0]
+    assert seen[4, 0.0] == seen[0, 0.0]  # the same pairs in the epoch
+    assert widths[4, 0.0] < widths[0, 0.0]
     with pytest.raises(InstantiationException, match="data.length_buckets must be 0"):
         instantiate(make_cfg("data.length_buckets=-1").data)
     shards = instantiate(make_cfg("data.length_buckets=4", "data.train_shards=/nonexistent/shards").data)

@@ -54,9 +54,15 @@ class TextTokenizer:
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask
 
-    def lengths(self, texts: list[str]) -> list[int]:
-        """Tokens of each text as a batch would hold them ([CLS] and [SEP] included, at most max_length)."""
-        return [sum(e.attention_mask) for e in self.backend.encode_batch(texts)]
+    def lengths(self, texts: list[str], chunk: int = 65536) -> list[int]:
+        """Tokens of each text as a batch would hold them ([CLS] and [SEP] included, at most max_length).
+
+        Encoded ``chunk`` texts at a time: a web-scale manifest never holds all its encodings at once.
+        """
+        return [
+            sum(e.attention_mask) for start in range(0, len(texts), chunk)
+            for e in self.backend.encode_batch(texts[start : start + chunk])
+        ]
 
     def to_str(self) -> str:
         return self.backend.to_str()
