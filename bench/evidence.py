@@ -373,14 +373,22 @@ TABLES: dict[str, Table] = {
             "embeddings) screens on val with the demo's seeds, seed against seed (`run tuning2 --split val "
             "--seeds 42 43 44`); round four (images 32 px against the demo, seeds 42-44, then scored on test: "
             "`run tuning2 --only '+ AMF, images 32 px' --seeds 42 43 44`; 48 px at lr 1e-3 against 48 px, seed "
-            "42); round five, 32 px with the image tower at lr 1e-3 against 32 px; fourteen settings over five "
-            "rounds. Images 48 px was timed at 2317 ms in a sitting where the demo re-measured 3077 ms, and "
-            "stored as measured (471 steps; scaled to the demo's committed 2980 ms it would have had 487); "
-            "images 32 px at 1776 ms beside the demo's 3316 ms (`calibrate tuning2 --step-times <tmp>`: the "
-            "ratio between rows comes from one sitting), stored scaled to the demo's committed step (1596 ms: "
-            "688 steps), the step `calibrate --add-missing` now does. Neither re-measure replaced the demo's "
-            "timing, so its later seeds train its first seeds' 368 steps. The frozen-embeddings row trains the "
-            "demo's steps (its step does less).",
+            "42); round five, 32 px with the image tower at lr 1e-3 against 32 px (stopped after two seeds, both "
+            "below on Google: -18.8, -12.6); round six, 32 px with length buckets of 16 (`data.length_buckets=16`: "
+            "captions of similar length share a batch, which pads to 8.2 tokens instead of 17.9, "
+            "`bench/results/length_buckets.md`) against 32 px (withdrawn after two seeds: 1105 steps against 688, "
+            "but -55.0 and -34.6 on Google, -41.1 and -12.9 on Twitter); fifteen settings over six rounds. "
+            "Images 48 px was "
+            "timed at 2317 ms in a sitting where the demo re-measured 3077 ms, and stored as measured (471 steps; "
+            "scaled to the demo's committed 2980 ms it would have had 487); images 32 px at 1776 ms beside the "
+            "demo's 3316 ms (`calibrate tuning2 --step-times <tmp>`: the ratio between rows comes from one sitting),"
+            " stored scaled to the demo's committed step (1596 ms: 688 steps), the step `calibrate --add-missing` "
+            "now does; length buckets at 1164 ms median, 1201 ms mean beside the demo's 3599 ms (`calibrate tuning2 "
+            "--add-missing --calibrate-steps 24`, each round on another seed's batches), stored scaled (994 ms mean:"
+            " 1105 steps; its steps are planned from the mean, because a batch's step follows its longest caption "
+            "and the median would under-count the long ones). No re-measure replaced the demo's timing, so its later"
+            " seeds train its first seeds' 368 steps. The frozen-embeddings row trains the demo's steps (its step "
+            "does less).",
         ),
         Table(
             "vilem",
