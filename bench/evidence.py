@@ -358,6 +358,22 @@ TABLES: dict[str, Table] = {
                     vs="+ AMF, images 32 px",
                     step_statistic="mean",  # a batch's step follows its longest caption
                 ),
+                Row(  # the buckets' saving without their cost: random batches, each encoded by the text tower in 2
+                    # groups of similar caption length trimmed to their own longest (the same features, less padding;
+                    # 1.32x less text time, 4 groups only 1.16x: bench/results/length_buckets.md)
+                    "+ AMF, images 32 px, text in 2 length groups",
+                    ("trainer.precision=32-true", "data.image_size=32", "model.encoder.text_tower.length_groups=2"),
+                    timing="tuning2/img32_groups2",
+                    vs="+ AMF, images 32 px",
+                    step_statistic="mean",  # a batch's step follows its captions' lengths
+                ),
+                Row(  # at 32 px the text tower is ~2/3 of a step: no gradients below its top 3 layers buys steps
+                    # (the frozen embeddings were level with the demo on val, round three)
+                    "+ AMF, images 32 px, text tower's top 3 layers trained",
+                    ("trainer.precision=32-true", "data.image_size=32", "model.encoder.text_tower.trainable_layers=3"),
+                    timing="tuning2/img32_text_top3",
+                    vs="+ AMF, images 32 px",
+                ),
             ),
             budget_timing="tuning2/demo",
             budget_seconds=1101.0,

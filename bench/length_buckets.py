@@ -10,6 +10,11 @@ training draws it) gives each batch's padded length; printed: the mean padded le
 90th percentiles over the batches, and the share of the tower's tokens that are real (not padding).
 ``--time`` times the text tower (the config's: the demo's pretrained MiniLM) forward + backward on a batch
 of each padded length seen, then the mean over the epoch's batches: the text work a step saves.
+
+Second table: the same random batches (no buckets) encoded in k length groups inside the tower
+(``model.encoder.text_tower.length_groups``, ``--groups``): tokens the tower runs on per caption, and with
+``--time`` the tower's forward + backward on the first ``--timed-batches`` real batches (their captions'
+ids), mean ms a batch. The batches stay random samples; only the work changes.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from measure import compose_config, machine_info, markdown_table, time_calls, wr
 from cots.data.sampler import ShardedEpochSampler
 
 
-def padded_lengths(lengths: torch.Tensor, batch_size: int, buckets: int, epochs: int, seed: int) -> list[torch.Tensor]:
-    """The caption lengths (B,) of every batch of ``epochs`` epochs of the training order."""
+def epoch_batches(lengths: torch.Tensor, batch_size: int, buckets: int, epochs: int, seed: int) -> list[torch.Tensor]:
+    """The sample indices (B,) of every batch of ``epochs`` epochs of the training order."""
     sampler = ShardedEpochSampler(
         len(lengths), seed=seed, batch_size=batch_size, lengths=lengths.tolist(), length_buckets=buckets
     )
@@ -35,8 +40,33 @@ def padded_lengths(lengths: torch.Tensor, batch_size: int, buckets: int, epochs:
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         order = torch.tensor([index for index, _ in sampler])
-        batches += [lengths[batch] for batch in order.split(batch_size)]
+        batches += list(order.split(batch_size))
     return batches
+
+
+def grouped_tokens(lengths: torch.Tensor, groups: int) -> int:
+    """Tokens a batch of these caption lengths costs in ``groups`` groups, each padded to its longest."""
+    return sum(int(group.max()) * len(group) for group in lengths.sort().values.chunk(groups))
+
+
+def grouped_tower_ms(cfg, tokenizer, captions: list[str], batches, groups: list[int], warmup: int) -> dict[int, float]:
+    """Mean ms of the text tower's forward + backward over ``batches`` of real captions, per group count."""
+    tower = instantiate(cfg.model.encoder.text_tower, vocab_size=tokenizer.vocab_size).train()
+    encoded = [tokenizer([captions[i] for i in batch.tolist()]) for batch in batches]
+    result = {}
+    for k in groups:
+        tower.length_groups = k
+
+        def step(k: int = k) -> None:
+            for ids, mask in encoded:
+                tower.zero_grad(set_to_none=True)
+                pooled, _ = tower(ids, mask)
+                pooled.float().pow(2).mean().backward()
+
+        seconds = statistics.median(time_calls(step, "cpu", warmup, 3))
+        result[k] = 1000 * seconds / len(encoded)
+        print(f"  text tower in {k} length group(s): {result[k]:.1f} ms a batch", flush=True)
+    return result
 
 
 def text_tower_seconds(cfg, tokenizer, batch_size: int, widths: set[int], warmup: int, steps: int) -> dict[int, float]:
@@ -62,12 +92,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--buckets", type=int, nargs="+", default=[0, 4, 8, 16, 32], help="global batches per bucket")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--time", action="store_true", help="time the text tower at each padded length")
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4, 8], help="length groups in the tower")
+    parser.add_argument("--timed-batches", type=int, default=12, help="real batches timed per group count")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="JSON of the figures")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: experiment=emoji_demo)")
     args = parser.parse_args(argv)
     args.buckets = [0, *(b for b in args.buckets if b > 1)]  # the rows are compared with no buckets
+    args.groups = [1, *(k for k in args.groups if k > 1)]
     overrides = (
         args.overrides
         if any(o.startswith("experiment=") for o in args.overrides)
@@ -87,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     rows = []
     for buckets in args.buckets:
-        batches = padded_lengths(lengths, batch, buckets, args.epochs, int(cfg.seed))
+        batches = [lengths[b] for b in epoch_batches(lengths, batch, buckets, args.epochs, int(cfg.seed))]
         padded = [int(b.max()) for b in batches]
         deciles = statistics.quantiles(padded, n=10)
         rows.append(
@@ -121,6 +154,24 @@ def main(argv: list[str] | None = None) -> dict:
     if args.time:
         columns += [("text tower fwd+bwd, ms/step", "text_ms_per_step", ".0f"), ("vs off", "text_speedup", ".2f")]
     print(markdown_table(rows, columns))
+    random_batches = epoch_batches(lengths, batch, 0, args.epochs, int(cfg.seed))
+    group_rows = [
+        {
+            "groups": k,
+            "tokens_per_caption": statistics.fmean(grouped_tokens(lengths[b], k) for b in random_batches) / batch,
+        }
+        for k in args.groups
+    ]
+    if args.time:
+        timed = grouped_tower_ms(cfg, tokenizer, captions, random_batches[: args.timed_batches], args.groups, 1)
+        for row in group_rows:
+            row["text_ms_per_step"] = timed[row["groups"]]
+            row["text_speedup"] = timed[1] / timed[row["groups"]]
+    group_columns = [("length groups in the tower", "groups", ""), ("tokens per caption", "tokens_per_caption", ".2f")]
+    if args.time:
+        group_columns += [("text tower fwd+bwd, ms/batch", "text_ms_per_step", ".0f"), ("vs 1", "text_speedup", ".2f")]
+    print()
+    print(markdown_table(group_rows, group_columns))
     result = {
         "overrides": overrides,
         "captions": len(captions),
@@ -128,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": batch,
         "epochs": args.epochs,
         "rows": [{k: v for k, v in r.items() if k != "padded"} for r in rows],
+        "length_groups": group_rows,
         "machine": machine_info("cpu"),
     }
     write_json(args.out, result)

@@ -49,3 +49,38 @@ def test_mean_pooling_ignores_padding():
     pooled, hidden = tower(ids, mask)
     torch.testing.assert_close(pooled[0], hidden[0, :4].mean(0))
     torch.testing.assert_close(pooled[1], hidden[1].mean(0))
+
+
+def test_length_groups_give_the_same_features_and_gradients_on_trimmed_inputs():
+    """k groups sorted by length, each trimmed to its longest caption: what the whole padded batch gives."""
+    import torch
+
+    from cots.models.text_tower import TextTower
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([3, 12, 5, 4, 12, 7, 3, 9])  # [CLS] ... [SEP]
+    ids = torch.randint(5, 50, (8, 12)) * (torch.arange(12) < lengths[:, None])
+    mask = (torch.arange(12) < lengths[:, None]).long()
+    for pooling in ("cls", "mean"):
+        plain = TextTower(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, dropout=0.0, pooling=pooling)
+        grouped = TextTower(
+            vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, dropout=0.0, pooling=pooling, length_groups=3
+        )
+        grouped.load_state_dict(plain.state_dict())
+        widths = []
+        grouped.bert.register_forward_pre_hook(
+            lambda _, args, kwargs, seen=widths: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+        )
+        (pooled, hidden), (pooled_g, hidden_g) = plain(ids, mask), grouped(ids, mask)
+        assert sorted(widths) == [4, 9, 12]  # groups {3, 3, 4}, {5, 7, 9}, {12, 12}: each to its own longest
+        torch.testing.assert_close(pooled_g, pooled, atol=1e-5, rtol=1e-5)
+        real = mask.bool()
+        torch.testing.assert_close(hidden_g[real], hidden[real], atol=1e-5, rtol=1e-5)
+        assert hidden_g.shape == hidden.shape and not hidden_g[lengths <= 4, 4:].any()  # past a group's width: 0
+        pooled.pow(2).sum().backward()
+        pooled_g.pow(2).sum().backward()
+        for (name, p), p_g in zip(plain.named_parameters(), grouped.parameters(), strict=True):
+            if p.grad is not None:
+                torch.testing.assert_close(p_g.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="length_groups must be >= 1"):
+        TextTower(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, length_groups=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel
 
@@ -63,6 +64,11 @@ class TextTower(nn.Module):
         bert_config: a ``BertConfig`` as a dict (``BertConfig.to_dict()``, what an export's config.json
             holds): that architecture with random weights, nothing read from disk; overrides the
             from-scratch arguments (``pretrained`` must be None).
+        length_groups: k > 1 runs ``forward`` on k groups of the batch's captions sorted by length, each
+            trimmed to its own longest caption, instead of the whole batch padded to its longest: the
+            same features (attention never reads padding), less work when lengths vary (the emoji
+            names: 17.8 tokens a batch of 64 padded, 9.8 in 4 groups). It reads the k widths on the
+            host (a sync per text pass on a GPU), so it is for CPUs and short captions; 1: off.
     """
 
     def __init__(
@@ -79,11 +85,15 @@ class TextTower(nn.Module):
         trainable_layers: int | None = None,
         pooling: str = "cls",
         bert_config: dict | None = None,
+        length_groups: int = 1,
     ) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"model.encoder.text_tower.pooling must be 'cls' or 'mean', got '{pooling}'")
+        if length_groups < 1:
+            raise ValueError(f"model.encoder.text_tower.length_groups must be >= 1, got {length_groups}")
         self.pooling = pooling
+        self.length_groups = length_groups
         if pretrained and bert_config is not None:
             raise ValueError("TextTower takes a pretrained directory or a bert_config, not both")
         if pretrained:
@@ -137,14 +147,36 @@ class TextTower(nn.Module):
         Returns:
             global feature: (B, W) ([CLS] state or masked mean, see ``pooling``); tokens: (B, L, W).
         """
-        mask = self._padding_mask(attention_mask)  # None: BERT builds it from the (B, L) mask
-        hidden = self.bert(
-            input_ids=input_ids, attention_mask=attention_mask if mask is None else mask
-        ).last_hidden_state
+        if self.length_groups > 1:
+            hidden = self._grouped_states(input_ids, attention_mask)
+        else:
+            hidden = self._states(input_ids, attention_mask)
         if self.pooling == "cls":
             return hidden[:, 0], hidden
         weights = attention_mask.to(hidden.dtype)[..., None]  # B x L x 1
         return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0), hidden
+
+    def _states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, W) last hidden states of BERT over (B, L) ids."""
+        mask = self._padding_mask(attention_mask)  # None: BERT builds it from the (B, L) mask
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask if mask is None else mask).last_hidden_state
+
+    def _grouped_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``_states`` over ``length_groups`` groups of similar length, each trimmed to its longest caption.
+
+        Positions past a group's width come back as zeros (every reader of the token states masks padding).
+        """
+        batch, length = input_ids.shape
+        lengths = attention_mask.sum(1)  # B
+        order = torch.argsort(lengths)
+        groups = order.chunk(self.length_groups)
+        widths = lengths[torch.stack([group[-1] for group in groups])].tolist()  # the one host read
+        states = []
+        for group, width in zip(groups, widths, strict=True):
+            width = max(int(width), 1)
+            trimmed = self._states(input_ids[group, :width], attention_mask[group, :width])  # b x width x W
+            states.append(F.pad(trimmed, (0, 0, 0, length - width)))
+        return torch.cat(states)[torch.argsort(order)]  # B x L x W, back in batch order
 
     def forward_first_layers(
         self,
