@@ -386,7 +386,7 @@ TABLES: dict[str, Table] = {
             "`bench/results/length_buckets.md`) against 32 px (withdrawn after two seeds: 1105 steps against 688, "
             "but -55.0 and -34.6 on Google, -41.1 and -12.9 on Twitter); round seven, 32 px with the text tower's "
             "top 3 layers trained (no gradients below them: 1514 ms a step beside the demo's 3552, stored scaled, "
-            "1270 ms: 864 steps) against 32 px (val seed 42: 348.5 / 297.8, +14.8 / +3.1); sixteen settings over "
+            "1270 ms: 864 steps) against 32 px (val seed 42: 348.5 / 297.8, +14.8 / +3.1); seventeen settings over "
             "seven rounds. Timed beside it and not run: "
             "the text in 2 length groups inside the tower (`model.encoder.text_tower.length_groups=2`, the same "
             "features on random batches), 1740 ms against the demo's 3552 (1446 ms mean scaled: 758 steps, 1.10x "
