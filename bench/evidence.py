@@ -365,6 +365,19 @@ TABLES: dict[str, Table] = {
                     timing="tuning2/img32_text_top3",
                     vs="+ AMF, images 32 px",
                 ),
+                Row(  # batch 128 -> 64 bought 1.76x the updates and +15 rsum at one budget (emoji_demo.yaml): does
+                    # 32 pay again? The negatives come from the queue; momentum and warm-up keep their horizons in pairs
+                    "+ AMF, images 32 px, batch 32",
+                    (
+                        "trainer.precision=32-true",
+                        "data.image_size=32",
+                        "data.batch_size=32",
+                        "module.momentum=0.995",
+                        "optim.scheduler.warmup_steps=80",
+                    ),
+                    timing="tuning2/img32_batch32",
+                    vs="+ AMF, images 32 px",
+                ),
             ),
             budget_timing="tuning2/demo",
             budget_seconds=1101.0,
