@@ -365,8 +365,9 @@ TABLES: dict[str, Table] = {
                     timing="tuning2/img32_text_top3",
                     vs="+ AMF, images 32 px",
                 ),
-                Row(  # batch 128 -> 64 bought 1.76x the updates and +15 rsum at one budget (emoji_demo.yaml): does
-                    # 32 pay again? The negatives come from the queue; momentum and warm-up keep their horizons in pairs
+                Row(  # batch 128 -> 64 bought 1.76x the updates and +15 rsum at one budget (emoji_demo.yaml); 32 lost
+                    # at 64 px in round one (one seed): at 32 px, where a step buys more, does it pay? Momentum and
+                    # warm-up keep their horizons in pairs; the negatives come from the queue
                     "+ AMF, images 32 px, batch 32",
                     (
                         "trainer.precision=32-true",
