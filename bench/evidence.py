@@ -386,6 +386,13 @@ TABLES: dict[str, Table] = {
                     timing="tuning2/img32",  # the same step as 32 px with its crop
                     vs="+ AMF, images 32 px",
                 ),
+                Row(  # AMF drops ~8 % of these clean pairs: -5.9 +- 1.5 on test (ablation, not for choosing),
+                    # +1.6 +- 3.0 for turning it off on val at 64 px (round one); at 32 px's 688 steps, val decides
+                    "contrastive only, images 32 px",
+                    ("trainer.precision=32-true", "data.image_size=32", "objective=contrastive_only"),
+                    timing="tuning2/img32",  # AMF's fit is under 1 % of a step (tuning/contrastive against tuning/demo)
+                    vs="+ AMF, images 32 px",
+                ),
             ),
             budget_timing="tuning2/demo",
             budget_seconds=1101.0,
